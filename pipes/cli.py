@@ -1,0 +1,92 @@
+"""Command-line entry points: `pipesd` (the daemon) and `pipesctl` (talks to it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, add_arguments, build_config
+
+
+def pipesd_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pipesd",
+        description="Transparent SR-aware TCP proxy: intercepts TCP connections whose SRH "
+                    "names a function address inside --locator, runs the function over the "
+                    "bytestream and re-originates the connection to the next segment with "
+                    "the client's address. Runs in the foreground in the current network "
+                    "namespace; SIGTERM/SIGINT drain and exit, SIGHUP reloads --config.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    cli_values = vars(args)
+    try:
+        config = build_config(cli_values)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+    from . import kernelsetup
+    from .master import Master, kernel_config
+
+    if config.dry_run:
+        print(f"# pipesd {config.name}: kernel configuration for locator {config.locator}")
+        for line in kernelsetup.plan(kernel_config(config)):
+            print(line)
+        return 0
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s pipesd[%(process)d] %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        print("pipesd: must run as root (it installs routes, rules and nftables)", file=sys.stderr)
+        return 2
+    return Master(config, cli_values).run()
+
+
+def pipesctl_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipesctl", description="Talk to a running pipesd.")
+    parser.add_argument("--control", default="/run/srv6pipes/pipesd.sock", metavar="PATH",
+                        help="control socket of the pipesd instance [default: %(default)s]")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("stats", help="counters: connections, bytes per function, SRH table")
+    sub.add_parser("functions", help="functions the daemon runs")
+    sub.add_parser("ping", help="is the daemon alive?")
+    address = sub.add_parser("address", help="print the function address for LOCATOR")
+    address.add_argument("locator", metavar="LOCATOR")
+    address.add_argument("function", metavar="FUNCTION", help="function name or id")
+    address.add_argument("params", metavar="PARAMS", nargs="?", default="0",
+                         help="parameter bits (decimal or 0x hex) [default: 0]")
+    address.add_argument("--function-bits", type=int, default=16)
+    address.add_argument("--param-bits", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    if args.command == "address":
+        return print_address(args)
+    from .control import ControlError, request
+
+    try:
+        reply = request(args.control, args.command)
+    except ControlError as exc:
+        print(f"pipesctl: {exc}", file=sys.stderr)
+        return 1
+    reply.pop("ok", None)
+    payload = reply.get(args.command, reply)
+    print(json.dumps(payload, indent=2, sort_keys=True))
+    return 0
+
+
+def print_address(args) -> int:
+    from .addressplan import AddressError, AddressPlan
+    from .functions import FunctionRegistry, UnknownFunction
+
+    try:
+        plan = AddressPlan(args.locator, args.function_bits, args.param_bits)
+        function = FunctionRegistry().resolve(args.function)
+        print(plan.encode(function.function_id, int(args.params, 0)))
+    except (AddressError, UnknownFunction, ValueError) as exc:
+        print(f"pipesctl: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pipesd_main())

@@ -1,0 +1,186 @@
+"""pipesd settings, declared once each: name, command-line flag, default, validator, help.
+
+The command line (`pipesd --help`), the optional TOML configuration file and the
+README's CLI table all come from SETTINGS, so a new setting is one declaration.
+A configuration file is re-read on SIGHUP; command-line flags always win over it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A setting has a value pipesd cannot use; the message names the setting."""
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"must be a TCP port (1-65535), got {value!r}")
+    return number
+
+
+def _locator(value: Any) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(str(value), strict=True)
+
+
+def _name(value: Any) -> str:
+    text = str(value)
+    if not text or not all(ch.isascii() and (ch.isalnum() or ch == "_") for ch in text) \
+            or len(text) > 24:
+        raise ValueError(f"must be 1-24 ASCII letters, digits or '_', got {value!r}")
+    return text
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def validate(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return validate
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    flag: str
+    default: Any
+    validator: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("locator", "--locator", None, _locator,
+            "IPv6 prefix owned by this proxy; function addresses live inside it", "PREFIX"),
+    Setting("workers", "--workers", os.cpu_count() or 1, _positive_int,
+            "worker processes, one pinned per CPU (default: CPU count)", "N"),
+    Setting("port", "--port", 7000, _port,
+            "local port of the transparent listeners (TPROXY target)", "P"),
+    Setting("name", "--name", "pipesd", _name,
+            "instance name: keeps shared memory, nftables table and control socket apart", "NAME"),
+    Setting("control", "--control", None, str,
+            "control socket path (default /run/srv6pipes/NAME.sock)", "PATH"),
+    Setting("function_bits", "--function-bits", 16, _positive_int,
+            "bits after the locator that name the function", "BITS"),
+    Setting("param_bits", "--param-bits", 32, _non_negative_int,
+            "low-order bits that carry the function's parameters", "BITS"),
+    Setting("queue_num", "--queue-num", 0, _non_negative_int,
+            "NFQUEUE number the SYN capture reads", "Q"),
+    Setting("fwmark", "--fwmark", 1, _positive_int,
+            "firewall mark that sends intercepted packets to the local table", "MARK"),
+    Setting("route_table", "--route-table", 100, _positive_int,
+            "routing table holding the 'local ::/0' route", "TABLE"),
+    Setting("table_slots", "--table-slots", 65536, _positive_int,
+            "slots of the shared-memory SRH table", "N"),
+    Setting("table_ttl_ms", "--table-ttl-ms", 30000, _positive_int,
+            "age after which an SRH table entry is stale", "MS"),
+    Setting("return_mode", "--return-mode", "on-path", _choice("on-path", "reverse", "tlv"),
+            "return traffic: on-path (socket diversion only), reverse (reversed SRH on the "
+            "client-facing socket), tlv (return path from the SYN's SRH TLV, else reversed)", "MODE"),
+    Setting("max_segments", "--max-segments", 32, _positive_int,
+            "longest segment list accepted; longer SRHs are reset", "N"),
+    Setting("max_flows", "--max-flows", 65536, _positive_int,
+            "flows per worker; beyond it new connections are reset", "N"),
+    Setting("buffer_size", "--buffer-size", 65536, _positive_int,
+            "relay buffer per direction for functions that transform bytes", "BYTES"),
+    Setting("drain_timeout", "--drain-timeout", 30.0, float,
+            "seconds a stopping worker waits for its flows to finish", "SECONDS"),
+    Setting("log_level", "--log-level", "info", _choice("debug", "info", "warning", "error"),
+            "log verbosity", "LEVEL"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings of one pipesd instance (immutable; reload builds a new one)."""
+
+    locator: ipaddress.IPv6Network
+    workers: int
+    port: int
+    name: str
+    control: str
+    function_bits: int
+    param_bits: int
+    queue_num: int
+    fwmark: int
+    route_table: int
+    table_slots: int
+    table_ttl_ms: int
+    return_mode: str
+    max_segments: int
+    max_flows: int
+    buffer_size: int
+    drain_timeout: float
+    log_level: str
+    config_file: str | None = None
+    dry_run: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; defaults stay None so a config file can fill them."""
+    for setting in SETTINGS:
+        default = "" if setting.default is None else f" [default: {setting.default}]"
+        parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar,
+                            default=None, help=setting.help + default)
+    parser.add_argument("--config", dest="config_file", metavar="FILE",
+                        help="TOML file with the same settings (underscored names); re-read on SIGHUP")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the kernel configuration that would be installed, then exit")
+
+
+def build_config(cli_values: dict[str, Any]) -> Config:
+    """Merges defaults < config file < command line, validates, returns a Config.
+
+    Called at start and again on SIGHUP (the file may have changed). Raises ConfigError.
+    """
+    raw: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    config_file = cli_values.get("config_file")
+    if config_file:
+        try:
+            with open(config_file, "rb") as handle:
+                from_file = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        unknown = set(from_file) - set(SETTINGS_BY_NAME)
+        if unknown:
+            raise ConfigError(f"unknown settings in {config_file}: {', '.join(sorted(unknown))}")
+        raw.update(from_file)
+    raw.update({k: v for k, v in cli_values.items() if k in SETTINGS_BY_NAME and v is not None})
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = raw[setting.name]
+        if value is None:
+            if setting.name == "control":
+                continue
+            raise ConfigError(f"{setting.flag} is required")
+        try:
+            values[setting.name] = setting.validator(value)
+        except ValueError as exc:
+            raise ConfigError(f"{setting.flag}: {exc}") from exc
+    values.setdefault("control", f"/run/srv6pipes/{values['name']}.sock")
+    if values["locator"].prefixlen + values["function_bits"] + values["param_bits"] > 128:
+        raise ConfigError("--locator length + --function-bits + --param-bits exceed 128 bits")
+    return Config(**values, config_file=config_file, dry_run=bool(cli_values.get("dry_run")))

@@ -1,0 +1,348 @@
+"""The pipesd master: kernel set-up, supervision, control socket, reload. It only supervises.
+
+Start-up order (reverse on exit):
+  1. kernel state for this instance (kernelsetup.install first removes a crashed
+     predecessor's leftovers, so a restart after `kill -9` starts clean);
+  2. shared memory: the SRH table and the stats block (stale segments are replaced);
+  3. the control socket;
+  4. the capture process and one worker per CPU, forked.
+Signal handlers only queue the signal; the main loop calls one handle_<signal> method each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import select
+import signal
+import time
+
+from . import _srhtable, kernelsetup, stats
+from .config import Config, ConfigError, build_config
+from .control import ControlServer
+from .functions import FunctionRegistry
+from .worker import EXIT_BOOT_FAILED, Worker
+
+log = logging.getLogger("srv6pipes.master")
+
+STATS_REGIONS = 256        # worker slots ever alive at once (old generation draining + new)
+HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is killed
+RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
+BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
+HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
+    return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
+                                    queue_num=config.queue_num, fwmark=config.fwmark,
+                                    table=config.route_table)
+
+
+@dataclasses.dataclass
+class Child:
+    kind: str            # "worker" or "capture"
+    index: int           # worker index (CPU slot); 0 for the capture
+    region: int          # stats region (workers)
+    generation: int
+    started: float
+    stopping: bool = False
+
+
+class Master:
+    def __init__(self, config: Config, cli_values: dict):
+        self.config = config
+        self.cli_values = cli_values
+        self.registry = FunctionRegistry()
+        self.children: dict[int, Child] = {}
+        self.signal_queue: list[int] = []
+        self.generation = 0
+        self.stopping = False
+        self.free_regions = list(range(STATS_REGIONS))
+        self.boot_failures = 0
+        self.restart_at: dict[tuple[str, int], float] = {}
+        self.srh_table = None
+        self.stats_block: stats.StatsBlock | None = None
+        self.control: ControlServer | None = None
+        self.kernel_installed = None
+        self.started = time.time()
+        self.stop_deadline = 0.0
+
+    # -- life cycle ------------------------------------------------------------------
+    def run(self) -> int:
+        import prctl
+
+        prctl.set_proctitle(f"pipesd: master [{self.config.name}]")
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        for name in HANDLED_SIGNALS:
+            signal.signal(getattr(signal, name), self.queue_signal)
+        signal.set_wakeup_fd(wake_w)
+        try:
+            self.setup()
+            self.spawn_capture()
+            self.spawn_generation()
+            log.info("pipesd %s: %d workers on [%s]:%d, locator %s", self.config.name,
+                     self.config.workers, "::", self.config.port, self.config.locator)
+            return self.main_loop()
+        finally:
+            self.teardown()
+
+    def setup(self) -> None:
+        self.kernel_installed = kernel_config(self.config)
+        kernelsetup.install(self.kernel_installed)
+        self.srh_table = _srhtable.SrhTable.create(self.config.name, self.config.table_slots,
+                                                   self.config.table_ttl_ms)
+        self.stats_block = stats.StatsBlock.create(self.config.name, STATS_REGIONS)
+        self.control = ControlServer(self.config.control, {
+            "ping": lambda req: {"pid": os.getpid(), "name": self.config.name},
+            "stats": lambda req: {"stats": self.collect_stats()},
+            "functions": lambda req: {"functions": self.describe_functions()},
+        })
+
+    def teardown(self) -> None:
+        """Stops every child, then removes kernel state and shared memory. Always runs."""
+        self.stop_children(graceful=False, timeout=5.0)
+        if self.control is not None:
+            self.control.close()
+        if self.kernel_installed is not None:
+            try:
+                kernelsetup.remove(self.kernel_installed)
+            except Exception:  # noqa: BLE001 - keep tearing down the rest
+                log.exception("removing kernel state failed")
+        if self.srh_table is not None:
+            self.srh_table.close()
+        _srhtable.unlink(self.config.name)
+        if self.stats_block is not None:
+            try:
+                self.stats_block.close()
+            except BufferError:
+                pass
+        stats.unlink(self.config.name)
+        log.info("pipesd %s stopped, kernel state removed", self.config.name)
+
+    def main_loop(self) -> int:
+        while True:
+            try:
+                readable, _, _ = select.select([self.wake_r, self.control], [], [], 1.0)
+            except InterruptedError:
+                readable = []
+            if self.wake_r in readable:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            while self.signal_queue:
+                signum = self.signal_queue.pop(0)
+                getattr(self, "handle_" + signal.Signals(signum).name.lower())()
+            if self.control in readable:
+                self.control.handle_ready()
+            if self.stopping:
+                if not self.children:
+                    return 0
+                self.continue_stopping()
+                continue
+            self.check_heartbeats()
+            self.respawn_missing()
+            if self.boot_failures >= BOOT_FAILURES_FATAL:
+                log.error("workers keep failing to boot; giving up")
+                return 1
+
+    def queue_signal(self, signum, frame) -> None:
+        self.signal_queue.append(signum)
+
+    # -- signal handlers -------------------------------------------------------------
+    def handle_sigchld(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if child.kind == "worker":
+                self.release_region(child)
+            if child.stopping or self.stopping:
+                continue
+            log.warning("%s %d (pid %d) died with %s; restarting", child.kind, child.index,
+                        pid, code)
+            if code == EXIT_BOOT_FAILED:
+                self.boot_failures += 1
+            self.restart_at[(child.kind, child.index)] = time.monotonic() + (
+                RESTART_BACKOFF if time.monotonic() - child.started < 5 else 0)
+
+    def handle_sigterm(self) -> None:
+        log.info("stopping: draining flows (up to %.0fs)", self.config.drain_timeout)
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.drain_timeout + 5.0
+        self.signal_children(signal.SIGTERM, kinds=("worker",))
+
+    handle_sigint = handle_sigterm
+
+    def continue_stopping(self) -> None:
+        """Called each loop turn while stopping: capture goes once the workers are gone."""
+        if time.monotonic() > self.stop_deadline:
+            self.signal_children(signal.SIGKILL)
+        elif not any(c.kind == "worker" for c in self.children.values()):
+            self.signal_children(signal.SIGTERM, kinds=("capture",))
+
+    def handle_sigquit(self) -> None:
+        log.info("quitting at once")
+        self.stopping = True
+        self.stop_children(graceful=False, timeout=5.0)
+
+    def handle_sighup(self) -> None:
+        """Reload: new config, new worker generation; old workers drain their flows."""
+        try:
+            new = build_config(self.cli_values)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        old_kernel = kernel_config(self.config)
+        new_kernel = kernel_config(new)
+        if new.name != self.config.name or new.control != self.config.control:
+            log.error("reload refused: --name and --control cannot change at run time")
+            return
+        if new_kernel != old_kernel:
+            kernelsetup.remove(old_kernel)
+            kernelsetup.install(new_kernel)
+            self.kernel_installed = new_kernel
+        self.config = new
+        for pid, child in self.children.items():
+            if child.kind == "worker":
+                child.stopping = True
+                os.kill(pid, signal.SIGTERM)
+        self.spawn_generation()
+        log.info("reloaded: generation %d, %d workers", self.generation, new.workers)
+
+    # -- children --------------------------------------------------------------------
+    def fork(self, child: Child, body) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for name in HANDLED_SIGNALS:
+                    signal.signal(getattr(signal, name), signal.SIG_DFL)
+                os.close(self.wake_r)
+                self.control.sock.close()
+                body()
+            except BaseException:  # noqa: BLE001 - a child never returns into the master
+                log.exception("%s %d crashed", child.kind, child.index)
+            finally:
+                os._exit(EXIT_BOOT_FAILED)
+        self.children[pid] = child
+
+    def spawn_capture(self) -> None:
+        from .capture import run_capture_process
+
+        child = Child("capture", 0, -1, self.generation, time.monotonic())
+        config = self.config
+        self.fork(child, lambda: run_capture_process(config.name, config.queue_num,
+                                                     self.srh_table))
+
+    def spawn_generation(self) -> None:
+        self.generation += 1
+        for index in range(self.config.workers):
+            self.spawn_worker(index)
+
+    def spawn_worker(self, index: int) -> None:
+        region = self.free_regions.pop(0)
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[index % len(cpus)]
+        region_view = self.stats_block.region(region)
+        region_view.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
+        worker = Worker(index, self.config, cpu, self.srh_table, region_view, self.registry)
+        self.fork(Child("worker", index, region, self.generation, time.monotonic()), worker.run)
+
+    def release_region(self, child: Child) -> None:
+        region = self.stats_block.region(child.region)
+        region.flows_died()  # its flows went with it
+        region.set("pid", 0)
+        self.free_regions.append(child.region)
+
+    def respawn_missing(self) -> None:
+        now = time.monotonic()
+        running = {(c.kind, c.index) for c in self.children.values()
+                   if not c.stopping and (c.kind == "capture" or c.generation == self.generation)}
+        if ("capture", 0) not in running and now >= self.restart_at.get(("capture", 0), 0):
+            self.spawn_capture()
+        for index in range(self.config.workers):
+            if ("worker", index) not in running and now >= self.restart_at.get(("worker", index), 0):
+                self.spawn_worker(index)
+
+    def check_heartbeats(self) -> None:
+        now_ms = time.monotonic_ns() // 1_000_000
+        for pid, child in list(self.children.items()):
+            if child.kind != "worker" or child.stopping:
+                continue
+            last = self.stats_block.region(child.region).get("heartbeat_ms")
+            if now_ms - last > HEARTBEAT_TIMEOUT * 1000:
+                log.error("worker %d (pid %d) silent for %.0fs: killing it", child.index, pid,
+                          (now_ms - last) / 1000)
+                self.kill(pid, signal.SIGKILL)
+
+    def signal_children(self, signum, kinds=("worker", "capture")) -> None:
+        for pid, child in list(self.children.items()):
+            if child.kind in kinds:
+                child.stopping = True
+                self.kill(pid, signum)
+
+    @staticmethod
+    def kill(pid: int, signum) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop_children(self, graceful: bool, timeout: float) -> None:
+        """Workers first (they may still be relaying), then the capture process."""
+        deadline = time.monotonic() + timeout
+        for kinds in (("worker",), ("capture",)):
+            self.signal_children(signal.SIGTERM if graceful else signal.SIGKILL, kinds)
+            while any(c.kind in kinds for c in self.children.values()):
+                if time.monotonic() > deadline:
+                    self.signal_children(signal.SIGKILL, kinds)
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    self.children.clear()
+                    break
+                except InterruptedError:
+                    continue
+                child = self.children.pop(pid, None)
+                if child is not None and child.kind == "worker":
+                    self.release_region(child)
+
+    # -- control commands ------------------------------------------------------------
+    def collect_stats(self) -> dict:
+        slot_names = self.registry.slot_names()
+        workers = []
+        for pid, child in sorted(self.children.items(), key=lambda item: item[1].index):
+            if child.kind != "worker":
+                continue
+            snap = self.stats_block.region(child.region).snapshot(slot_names)
+            snap.update(index=child.index, generation=child.generation, pid=pid,
+                        draining=child.stopping)
+            workers.append(snap)
+        every_region = [self.stats_block.region(r).snapshot(slot_names)
+                        for r in range(STATS_REGIONS)]
+        totals = stats.merge(every_region)
+        return {
+            "name": self.config.name,
+            "locator": str(self.config.locator),
+            "uptime_s": round(time.time() - self.started, 1),
+            "generation": self.generation,
+            "totals": totals,
+            "srh_table": self.srh_table.counters(),
+            "workers": workers,
+        }
+
+    def describe_functions(self) -> list[dict]:
+        return [{"id": f.function_id, "name": f.name, "description": f.description,
+                 "relay": "splice" if f.relay_mode == 0 else "buffer"}
+                for f in self.registry]

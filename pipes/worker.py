@@ -1,0 +1,352 @@
+"""A worker: accept -> SRH lookup -> function lookup -> connect onward -> hand to the relay.
+
+One worker process per CPU. The object is built in the master before fork and must not
+touch the process; `run()` is the post-fork entry point (process name, CPU pinning,
+signals, its own SO_REUSEPORT listener, dropped capabilities), then `serve()` loops.
+
+Per accepted connection (see `open_flow`):
+  1. the accepted socket's peer is the client C:sport, its local address the final
+     destination S:dport (TPROXY kept it);
+  2. the SRH comes from the shared table filled by the capture process, or, on a miss,
+     from TCP_SAVED_SYN (the kernel's copy of the SYN headers);
+  3. this proxy's segment is decoded into function + parameters;
+  4. the onward socket binds C:sport (IPV6_TRANSPARENT), carries the remaining segments
+     (IPV6_RTHDR) and connects to S:dport without blocking;
+  5. both file descriptors go to the Cython relay loop, which owns them from then on.
+Anything wrong resets the client connection, bumps a counter and logs (rate limited).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+from . import _relay
+from .addressplan import AddressError, AddressPlan
+from .config import Config
+from .functions import FunctionRegistry, UnknownFunction
+from .ratelimit import RateLimitedLogger
+from .srh import SRH, SRHError, find_srh
+from .stats import WorkerRegion
+
+SOL_IPV6 = socket.IPPROTO_IPV6
+IPV6_TRANSPARENT = 75
+IPV6_RTHDR = 57
+TCP_SAVE_SYN = 27
+TCP_SAVED_SYN = 28
+SAVED_SYN_MAX = 1024  # the most Python's getsockopt accepts; holds SRHs of up to ~55 segments
+LISTEN_BACKLOG = 4096
+ACCEPT_BURST = 64
+LINGER_RESET = struct.pack("ii", 1, 0)
+FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+# Exit codes the master understands (gunicorn's idea): a worker that cannot boot is not
+# re-forked in a tight loop.
+EXIT_BOOT_FAILED = 3
+
+log = logging.getLogger("srv6pipes.worker")
+
+
+class Rejected(Exception):
+    """The connection cannot be proxied; `counter` names the stats counter to bump."""
+
+    def __init__(self, counter: str, reason: str):
+        super().__init__(reason)
+        self.counter = counter
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Closes with an RST (SO_LINGER 0) so the peer learns at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+def make_listener(port: int) -> socket.socket:
+    """The worker's own transparent listener; SO_REUSEPORT gives each worker its queue."""
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        # Keeps the SYN's headers (SRH included) for the table-miss fallback.
+        listener.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+        listener.bind(("::", port))
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+@dataclasses.dataclass
+class Route:
+    """What open_flow decided for one connection."""
+
+    srh: SRH            # as received by this proxy (segments_left = our segment)
+    function_id: int
+    params: int
+
+
+def locate_own_segment(srh: SRH, plan: AddressPlan) -> SRH:
+    """For a SYN seen after the kernel's SRH loop (segments_left already 0): our segment is
+    the first one, in travel order, inside our locator. Returns the SRH as we received it."""
+    for index in range(srh.last_entry, 0, -1):
+        if plan.contains(srh.segments[index]):
+            return dataclasses.replace(srh, segments_left=index)
+    raise Rejected("not_our_segment", "no segment of the SYN's SRH is inside our locator")
+
+
+def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
+                  stats: WorkerRegion, max_segments: int = 32) -> Route:
+    """Steps 2-3: the SRH of this connection and our segment's function + parameters.
+
+    table_entry is (original segments-left, SRH bytes) or None; saved_syn is only read on
+    a miss. Pure logic apart from counters, so it is unit tested without a network.
+    """
+    if table_entry is not None:
+        stats.add("table_hits")
+        segments_left, srh_bytes = table_entry
+        try:
+            srh = dataclasses.replace(SRH.parse(srh_bytes), segments_left=segments_left)
+        except (SRHError, ValueError) as exc:
+            raise Rejected("malformed_srh", f"malformed SRH in table: {exc}") from None
+    else:
+        stats.add("table_misses")
+        if not saved_syn:
+            # Empty for SYN-cookie connections (the SYN was never stored).
+            raise Rejected("no_srh", "no SRH: table miss and no saved SYN (SYN cookies?)")
+        try:
+            info = find_srh(saved_syn)
+        except SRHError as exc:
+            raise Rejected("malformed_srh", f"malformed saved SYN: {exc}") from None
+        if info.srh is None:
+            raise Rejected("no_srh", "the SYN carried no SRH")
+        srh = locate_own_segment(info.srh, plan)
+        stats.add("saved_syn_fallbacks")
+    if srh.last_entry + 1 > max_segments:
+        raise Rejected("too_many_segments",
+                       f"{srh.last_entry + 1} segments, more than --max-segments {max_segments}")
+    if srh.segments_left == 0:
+        raise Rejected("malformed_srh", "segments-left is 0: no segment left for this proxy")
+    try:
+        function_id, params = plan.decode(srh.active_segment)
+    except AddressError:
+        raise Rejected("not_our_segment",
+                       f"active segment {srh.active_segment} is outside our locator") from None
+    return Route(srh, function_id, params)
+
+
+def return_header(route: Route, client: str, mode: str, plan: AddressPlan) -> SRH | None:
+    """The SRH for the client-facing socket (off-path return traffic), or None."""
+    if mode == "on-path":
+        return None
+    if mode == "tlv":
+        path = route.srh.return_path()
+        if path:
+            # The TLV lists the whole return path; keep what comes after our own entry.
+            for index, segment in enumerate(path):
+                if plan.contains(segment):
+                    path = path[index + 1:]
+                    break
+            return SRH.from_path(path) if len(path) > 1 else None
+    from ipaddress import IPv6Address
+    return route.srh.reversed_to(IPv6Address(client))
+
+
+class Worker:
+    """Built in the master before fork; everything process-specific happens in run()."""
+
+    def __init__(self, index: int, config: Config, cpu: int | None, srh_table,
+                 stats: WorkerRegion, registry: FunctionRegistry):
+        self.index = index
+        self.config = config
+        self.cpu = cpu
+        self.srh_table = srh_table
+        self.stats = stats
+        self.registry = registry
+        self.plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
+        self.listener: socket.socket | None = None
+        self.relay = None
+        self.accepting = True
+        self.stopping_since: float | None = None
+        self.spare_fd: int | None = None
+        self.rlog = RateLimitedLogger(log)
+
+    # -- process set-up -------------------------------------------------------------
+    def run(self) -> None:
+        """Post-fork entry point; never returns (exits the process)."""
+        try:
+            self.init_process()
+        except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
+            log.error("worker %d failed to boot: %s", self.index, exc)
+            os._exit(EXIT_BOOT_FAILED)
+        try:
+            self.serve()
+        finally:
+            if self.relay is not None:
+                self.relay.shutdown(True)
+                self.relay.close()
+        os._exit(0)
+
+    def init_process(self) -> None:
+        import prctl
+
+        prctl.set_name(f"pipesd w{self.index}")
+        prctl.set_proctitle(f"pipesd: worker {self.index} [{self.config.name}]")
+        prctl.set_pdeathsig(signal.SIGTERM)
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})
+        signal.signal(signal.SIGTERM, self.handle_stop)
+        signal.signal(signal.SIGINT, self.handle_stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(1))
+        self.stats.set("pid", os.getpid())
+        self.listener = make_listener(self.config.port)
+        self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
+                                      64, self.config.max_flows, self.config.buffer_size)
+        # A spare descriptor lets us accept-and-reset when descriptors run out, instead of
+        # spinning on a listener that stays readable.
+        self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        drop_capabilities()
+
+    def handle_stop(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: stop accepting, let established flows drain."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            self.accepting = False
+
+    # -- the loop --------------------------------------------------------------------
+    def serve(self) -> None:
+        relay = self.relay
+        stats = self.stats
+        while True:
+            listener_ready = relay.poll(200)
+            stats.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
+            if self.stopping_since is not None:
+                if self.listener is not None:
+                    self.listener.close()  # epoll forgets it; kernel queue is not ours now
+                    self.listener = None
+                if relay.active_flows == 0:
+                    return
+                if time.monotonic() - self.stopping_since > self.config.drain_timeout:
+                    log.warning("worker %d: drain timeout, resetting %d flows",
+                                self.index, relay.active_flows)
+                    return
+            elif listener_ready:
+                self.accept_burst()
+
+    def accept_burst(self) -> None:
+        listener = self.listener
+        for _ in range(ACCEPT_BURST):
+            try:
+                fd, peer = listener._accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTED:
+                    self.shed_one_connection(exc)
+                else:
+                    self.stats.add("accept_errors")
+                    self.rlog.warning("accept", "accept failed: %s", exc)
+                return
+            self.stats.add("accepted")
+            self.open_flow(socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fileno=fd), peer)
+
+    def shed_one_connection(self, exc: OSError) -> None:
+        """Out of descriptors: free the spare, accept one connection and reset it."""
+        self.stats.add("fd_exhausted")
+        self.rlog.warning("fd", "out of file descriptors (%s): resetting new connections", exc)
+        if self.spare_fd is None:
+            return
+        os.close(self.spare_fd)
+        self.spare_fd = None
+        try:
+            fd, _ = self.listener._accept()
+            reset_socket(socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fileno=fd))
+        except OSError:
+            pass
+        try:
+            self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.spare_fd = None
+
+    def open_flow(self, client: socket.socket, peer) -> None:
+        """Steps 1-5 of the module docstring for one accepted connection."""
+        client_addr, client_port = peer[0], peer[1]
+        server = None
+        try:
+            dest_addr, dest_port = client.getsockname()[:2]
+            entry = self.srh_table.lookup(socket.inet_pton(socket.AF_INET6, client_addr),
+                                          client_port,
+                                          socket.inet_pton(socket.AF_INET6, dest_addr),
+                                          dest_port)
+            saved_syn = None
+            if entry is None:
+                saved_syn = client.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, SAVED_SYN_MAX)
+            route = resolve_route(entry, saved_syn, self.plan, self.stats,
+                                  self.config.max_segments)
+            try:
+                function = self.registry.by_id(route.function_id)
+            except UnknownFunction as exc:
+                raise Rejected("unknown_function", str(exc)) from None
+            back = return_header(route, client_addr, self.config.return_mode, self.plan)
+            if back is not None:
+                client.setsockopt(SOL_IPV6, IPV6_RTHDR, back.to_bytes())
+            server = self.connect_onward(client_addr, client_port, dest_addr, dest_port,
+                                         route.srh.onward())
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.relay.add_flow(client.detach(), server.detach(), function.relay_mode,
+                                function.relay_key(route.params), function.slot, True)
+        except Rejected as rejected:
+            self.stats.add(rejected.counter)
+            self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s", client_addr,
+                              client_port, rejected.counter, rejected)
+            reset_socket(client)
+        except OSError as exc:
+            counter = "fd_exhausted" if exc.errno in FD_EXHAUSTED else "onward_failed"
+            self.stats.add(counter)
+            self.rlog.warning(counter, "reset %s:%d: onward connection failed: %s",
+                              client_addr, client_port, exc)
+            if server is not None:
+                server.close()
+            reset_socket(client)
+
+    def connect_onward(self, client_addr: str, client_port: int, dest_addr: str,
+                       dest_port: int, onward: SRH | None) -> socket.socket:
+        """Step 4: a socket that looks like the client, starting a non-blocking connect."""
+        server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            server.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server.setblocking(False)
+            server.bind((client_addr, client_port))
+            if onward is not None:
+                server.setsockopt(SOL_IPV6, IPV6_RTHDR, onward.to_bytes())
+            status = server.connect_ex((dest_addr, dest_port))
+            if status not in (0, errno.EINPROGRESS):
+                raise OSError(status, os.strerror(status))
+        except OSError:
+            server.close()
+            raise
+        return server
+
+
+def drop_capabilities() -> None:
+    """Keeps only what onward sockets need: CAP_NET_ADMIN (IPV6_TRANSPARENT), CAP_NET_RAW."""
+    import prctl
+
+    keep = (prctl.CAP_NET_ADMIN, prctl.CAP_NET_RAW)
+    prctl.cap_effective.limit(*keep)
+    prctl.cap_permitted.limit(*keep)
+    prctl.cap_inheritable.limit()
