@@ -1,0 +1,35 @@
+# Two commands for a fresh Debian machine, as root:
+#   make demo   builds a testbed (C -> P1 -> P2 -> S), runs pipesd on P1 and P2, sends real
+#               traffic with curl to lighttpd, prints what happened, tears everything down
+#   make test   runs the whole test suite
+# Both install what they need first (system packages, Python packages, the Cython build).
+PYTHON ?= python3
+APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
+	libnetfilter-queue-dev libnfnetlink-dev libcap-dev \
+	curl lighttpd wrk iperf3 haproxy
+STAMP = .deps-installed
+
+.PHONY: deps build demo test bench clean
+
+$(STAMP): Makefile requirements.txt
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+build: deps
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
+
+demo: build
+	$(PYTHON) -m srv6pipes.demo
+
+test: build
+	$(PYTHON) -m pytest tests
+
+bench: build
+	$(PYTHON) bench/run_lab.py
+
+clean:
+	rm -rf build *.egg-info cext/*.c pipes/*.so $(STAMP)

@@ -1,0 +1,124 @@
+"""Programs the demo, the end-to-end tests and the benchmarks run on testbed hosts:
+pipesd itself and lighttpd. Each start function waits until the program is ready (bounded)
+and returns something the caller stops; Testbed teardown kills whatever is left."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+READY_TIMEOUT = 15.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class Pipesd:
+    """A pipesd running in a testbed host's namespace."""
+
+    def __init__(self, host, locator, name: str, workers: int = 2, port: int = 7000,
+                 extra: tuple[str, ...] = ()):
+        self.host = host
+        self.name = name
+        self.control = f"/run/srv6pipes/{name}.sock"
+        self.log_path = os.path.join(tempfile.gettempdir(), f"pipesd-{name}.log")
+        self.log_file = open(self.log_path, "wb")
+        self.command = [sys.executable, "-m", "srv6pipes.cli", "--workers", str(workers),
+                        "--locator", str(locator), "--port", str(port), "--name", name,
+                        "--control", self.control, *extra]
+        self.proc = host.popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.host.run([sys.executable, "-c",
+                              "import sys; from srv6pipes.cli import pipesctl_main; "
+                              "sys.exit(pipesctl_main(sys.argv[1:]))",
+                              "--control", self.control, *args], check=check)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LabError(f"pipesd {self.name} exited with {self.proc.returncode}:\n"
+                               + self.log())
+            if self.ctl("ping", check=False).returncode == 0:
+                stats = self.stats()
+                if all(w["worker"]["pid"] for w in stats["workers"]) and stats["workers"]:
+                    return
+            time.sleep(0.1)
+        raise LabError(f"pipesd {self.name} not ready after {READY_TIMEOUT}s:\n" + self.log())
+
+    def stats(self) -> dict:
+        return json.loads(self.ctl("stats").stdout)
+
+    def log(self) -> str:
+        self.log_file.flush()
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log_file.close()
+        return self.proc.returncode
+
+
+class Lighttpd:
+    """lighttpd serving `docroot` on [addr]:port, with an access log of client addresses."""
+
+    def __init__(self, host, docroot: str, port: int = 80):
+        self.host = host
+        self.port = port
+        self.workdir = tempfile.mkdtemp(prefix="sp-lighttpd-")
+        self.access_log = os.path.join(self.workdir, "access.log")
+        conf = os.path.join(self.workdir, "lighttpd.conf")
+        with open(conf, "w") as handle:
+            handle.write(f'''server.document-root = "{docroot}"
+server.bind = "[{host.addr}]"
+server.port = {port}
+server.modules = ("mod_accesslog")
+accesslog.filename = "{self.access_log}"
+accesslog.format = "%h %r %s %b"
+server.errorlog = "{self.workdir}/error.log"
+server.max-connections = 4096
+server.max-fds = 8192
+server.max-keep-alive-requests = 100000
+mimetype.assign = ("" => "application/octet-stream")
+''')
+        self.proc = host.popen(["lighttpd", "-D", "-f", conf], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            listening = host.run(["ss", "-Htln", f"sport = :{port}"], check=False).stdout
+            if listening.strip():
+                return
+            if self.proc.poll() is not None:
+                raise LabError("lighttpd exited at start")
+            time.sleep(0.05)
+        raise LabError("lighttpd did not start listening")
+
+    def clients_seen(self) -> list[str]:
+        """Client addresses from the access log, one per request."""
+        try:
+            with open(self.access_log) as handle:
+                return [line.split()[0] for line in handle if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -1,0 +1,181 @@
+"""Helpers for pipesd end-to-end tests: a line testbed C - P1 - P2 - S with pipesd on the
+proxies, an echo server on S that reports the peer it saw, and a client that talks through
+real sockets created inside C's namespace with an SRH (IPV6_RTHDR) naming the functions."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from srv6pipes.addressplan import AddressPlan
+from srv6pipes.labapps import Pipesd
+from srv6pipes.srh import SRH
+from srv6pipes.testbed import Testbed
+
+IPV6_RTHDR = 57
+ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
+RESET_PORT = 9001       # reads a little, then resets
+PEER_HEADER = 64        # the server's first bytes: "address port", space padded
+FUNCTIONS = {"identity": 0, "xor": 1}
+
+
+def xor_bytes(data: bytes, key: int) -> bytes:
+    if key == 0 or not data:
+        return data
+    pattern = bytes([key]) * len(data)
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pattern, "big")).to_bytes(len(data), "big")
+
+
+class EchoServer:
+    """Listens on S in its namespace; threads serve connections. Records what it saw."""
+
+    def __init__(self, host):
+        self.host = host
+        self.peers: list[tuple[str, int]] = []
+        self.listeners = []
+        self.stop = threading.Event()
+        with host.enter():
+            for port, serve in ((ECHO_PORT, self.echo), (RESET_PORT, self.reset)):
+                listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((str(host.addr), port))
+                listener.listen(2048)
+                listener.settimeout(0.2)
+                self.listeners.append(listener)
+                threading.Thread(target=self.accept_loop, args=(listener, serve), daemon=True).start()
+
+    def accept_loop(self, listener, serve):
+        while not self.stop.is_set():
+            try:
+                conn, peer = listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.peers.append(peer[:2])
+            threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+
+    @staticmethod
+    def echo(conn, peer):
+        conn.settimeout(60)
+        try:
+            conn.sendall(f"{peer[0]} {peer[1]}".encode().ljust(PEER_HEADER))
+            while True:
+                data = conn.recv(262144)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @staticmethod
+    def reset(conn, peer):
+        conn.settimeout(10)
+        try:
+            conn.recv(16)
+        except OSError:
+            pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def close(self):
+        self.stop.set()
+        for listener in self.listeners:
+            listener.close()
+
+
+class Lab:
+    def __init__(self, tb, proxies: dict[str, Pipesd], server: EchoServer):
+        self.tb = tb
+        self.proxies = proxies
+        self.server = server
+        self.c = tb.hosts["c"]
+        self.s = tb.hosts["s"]
+
+    def address(self, proxy: str, function: str | int, params: int = 0):
+        function_id = FUNCTIONS.get(function, function)
+        return AddressPlan(self.tb.locator(proxy)).encode(function_id, params)
+
+    def connect(self, segments, port=ECHO_PORT, timeout=20.0, srh: SRH | None = None) -> socket.socket:
+        """A client socket in C's namespace whose SYN carries SRH [segments..., S]."""
+        with self.c.enter():
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
+        if segments or srh is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())
+        sock.connect((str(self.s.addr), port))
+        return sock
+
+    def echo_roundtrip(self, segments, payload: bytes, key: int = 0, timeout=60.0):
+        """Sends payload (while reading), half-closes, reads the echo to EOF.
+        Returns (peer the server saw, echoed bytes after the peer header, client address)."""
+        sock = self.connect(segments, timeout=timeout)
+        received = bytearray()
+        errors = []
+
+        def send():
+            try:
+                view = memoryview(payload)
+                for start in range(0, len(view), 1 << 20):
+                    sock.sendall(view[start:start + (1 << 20)])
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                received += chunk
+        finally:
+            local = sock.getsockname()[:2]
+            sender.join(timeout)
+            sock.close()
+        assert not errors, errors
+        header = xor_bytes(bytes(received[:PEER_HEADER]), key)
+        address, port = header.decode().split()
+        return (address, int(port)), bytes(received[PEER_HEADER:]), local
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def connection_outcome(make_socket, target, timeout=5.0) -> str:
+    """Connects (socket from make_socket()), waits for the first reply byte; returns what
+    happened: 'reset', 'refused', 'timeout', 'eof' or 'data'. Always closes the socket."""
+    sock = make_socket()
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+        return "data" if sock.recv(10) else "eof"
+    except ConnectionResetError:
+        return "reset"
+    except ConnectionRefusedError:
+        return "refused"
+    except (TimeoutError, socket.timeout):
+        return "timeout"
+    finally:
+        sock.close()
