@@ -21,16 +21,18 @@ class LabError(RuntimeError):
 class Pipesd:
     """A pipesd running in a testbed host's namespace."""
 
-    def __init__(self, host, locator, name: str, workers: int = 2, port: int = 7000,
+    def __init__(self, host, locator, name: str, workers: int | None = 2, port: int = 7000,
                  extra: tuple[str, ...] = ()):
         self.host = host
         self.name = name
         self.control = f"/run/srv6pipes/{name}.sock"
         self.log_path = os.path.join(tempfile.gettempdir(), f"pipesd-{name}.log")
         self.log_file = open(self.log_path, "wb")
-        self.command = [sys.executable, "-m", "srv6pipes.cli", "--workers", str(workers),
+        self.command = [sys.executable, "-m", "srv6pipes.cli",
                         "--locator", str(locator), "--port", str(port), "--name", name,
                         "--control", self.control, *extra]
+        if workers is not None:  # else from the config file or the CPU count
+            self.command += ["--workers", str(workers)]
         self.proc = host.popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT)
         self.wait_ready()
 

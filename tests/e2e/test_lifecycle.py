@@ -1,0 +1,262 @@
+"""pipesd as a process: kernel state, crash recovery, supervision, reload, privileges,
+resource limits. One fresh C - P1 - S testbed per test."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from srv6pipes.addressplan import AddressPlan
+from srv6pipes.labapps import Pipesd
+
+from e2ekit import ECHO_PORT, EchoServer, Lab, connection_outcome, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def kernel_state(host, name: str) -> dict:
+    """Everything pipesd may touch in a namespace, as text to compare."""
+    def out(cmd):
+        return host.run(cmd, check=False).stdout
+
+    sysctls = out(["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/seg6_enabled "
+                               "/proc/sys/net/ipv6/conf/all/forwarding"])
+    return {
+        "nft": out(["nft", "list", "ruleset"]),
+        "ip6tables": "\n".join(line for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
+                               if not line.startswith("#") and not line.startswith(":")),
+        "rules": out(["ip", "-6", "rule"]),
+        "routes": out(["ip", "-6", "route", "show", "table", "all"]),
+        "sysctls": sysctls,
+        "shm": sorted(f for f in os.listdir("/dev/shm") if name in f),
+        "control": os.path.exists(f"/run/srv6pipes/{name}.sock"),
+    }
+
+
+@pytest.fixture
+def line(testbed):
+    tb = testbed(proxies=1)
+    server = EchoServer(tb.hosts["s"])
+    yield tb, Lab(tb, {}, server)
+    server.close()
+
+
+def identity_address(tb):
+    return AddressPlan(tb.locator("p1")).encode(0)
+
+
+def roundtrip_ok(lab, tb, size=50_000) -> bool:
+    payload = os.urandom(size)
+    return lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
+
+
+def name_for(test: str) -> str:
+    return f"{test}{os.getpid()}"
+
+
+def test_no_kernel_state_left_after_sigterm(line):
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    name = name_for("term")
+    before = kernel_state(p1, name)
+    proxy = Pipesd(p1, tb.locator("p1"), name)
+    during = kernel_state(p1, name)
+    assert during["nft"] != before["nft"] and during["shm"] and during["control"]
+    assert "NFQUEUE" in during["ip6tables"] + during["nft"]
+    assert roundtrip_ok(lab, tb)
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert kernel_state(p1, name) == before
+
+
+def test_kill_9_then_restart_cleans_up_and_serves(line):
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    name = name_for("crash")
+    before = kernel_state(p1, name)
+    first = Pipesd(p1, tb.locator("p1"), name)
+    children = [w["pid"] for w in first.stats()["workers"]]
+    first.proc.send_signal(signal.SIGKILL)
+    first.stop()                                      # reaps it, closes its log
+    # Children follow through their parent-death signal.
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children))
+    assert kernel_state(p1, name) != before           # the crash left state behind...
+    second = Pipesd(p1, tb.locator("p1"), name)       # ...which the restart cleans up first
+    assert roundtrip_ok(lab, tb)
+    assert second.stop() == 0
+    assert kernel_state(p1, name) == before
+
+
+def test_dead_worker_is_replaced(line):
+    tb, lab = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("respawn"))
+    try:
+        victim = proxy.stats()["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(lambda: [w["pid"] for w in proxy.stats()["workers"]
+                                     if w["pid"] and w["pid"] != victim and w["index"] == 0], 15)
+        assert replaced, "worker 0 was not restarted"
+        assert len(proxy.stats()["workers"]) == 2
+        assert all(roundtrip_ok(lab, tb) for _ in range(10))
+    finally:
+        proxy.stop()
+
+
+def test_processes_are_named_pinned_and_unprivileged(line):
+    tb, _ = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("priv"))
+    try:
+        workers = proxy.stats()["workers"]
+        net_admin_raw = (1 << 12) | (1 << 13)
+        cpus = set()
+        for worker in workers:
+            pid = worker["pid"]
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                assert handle.read().startswith(f"pipesd: worker {worker['index']}".encode())
+            with open(f"/proc/{pid}/status") as handle:
+                status = dict(line.split(":\t", 1) for line in handle if ":\t" in line)
+            assert int(status["CapEff"], 16) == net_admin_raw
+            assert int(status["CapPrm"], 16) == net_admin_raw
+            cpus.add(status["Cpus_allowed_list"].strip())
+        assert len(cpus) == min(len(workers), os.cpu_count())   # one CPU each
+    finally:
+        proxy.stop()
+
+
+def test_sighup_reload_keeps_established_flows(line, tmp_path):
+    tb, lab = line
+    config = tmp_path / "pipesd.toml"
+    config.write_text("workers = 2\n")
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("hup"), workers=None,
+                   extra=("--config", str(config)))
+    try:
+        old = {w["pid"] for w in proxy.stats()["workers"]}
+        sock = lab.connect([identity_address(tb)])
+        header = b""
+        while len(header) < 64:
+            header += sock.recv(64 - len(header))
+        sock.sendall(b"before reload;")
+        config.write_text("workers = 1\n")
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: [w for w in proxy.stats()["workers"]
+                                 if not w["draining"] and w["pid"] not in old], 10)
+        sock.sendall(b"after reload")
+        sock.shutdown(socket.SHUT_WR)
+        echoed = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            echoed += chunk
+        sock.close()
+        assert echoed == b"before reload;after reload"
+        assert wait_for(lambda: len(proxy.stats()["workers"]) == 1, 15)
+        assert roundtrip_ok(lab, tb)
+    finally:
+        proxy.stop()
+
+
+def test_full_flow_table_resets_new_connections_and_recovers(line):
+    tb, lab = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("full"),
+                   workers=1, extra=("--max-flows", "5"))
+    try:
+        held = [lab.connect([identity_address(tb)]) for _ in range(5)]
+        outcome = connection_outcome(
+            lambda: _client_with_srh(lab, tb), (str(lab.s.addr), ECHO_PORT))
+        assert outcome in ("reset", "eof")
+        totals = proxy.stats()["totals"]["functions"]["identity"]
+        assert totals["flows_rejected"] >= 1
+        for sock in held:
+            sock.close()
+        assert wait_for(lambda: proxy.stats()["totals"]["functions"]["identity"]["flows_active"] == 0)
+        assert roundtrip_ok(lab, tb)
+    finally:
+        proxy.stop()
+
+
+def _client_with_srh(lab, tb):
+    from srv6pipes.srh import SRH
+
+    with lab.c.enter():
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, 57, SRH.from_path([identity_address(tb), lab.s.addr]).to_bytes())
+    return sock
+
+
+def test_exhausted_file_descriptors_reset_and_recover(line):
+    """A worker with few descriptors: excess connections are reset and counted, the
+    daemon stays up and serves again once descriptors are free."""
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("nofd"), workers=1)
+    worker = proxy.stats()["workers"][0]["pid"]
+    try:
+        subprocess.run(["prlimit", f"--pid={worker}", "--nofile=40:40"], check=True)
+        held = []
+        outcomes = []
+        for _ in range(30):
+            try:
+                sock = lab.connect([identity_address(tb)], timeout=3)
+                held.append(sock)
+                sock.settimeout(3)
+                outcomes.append("data" if sock.recv(64) else "eof")
+            except (ConnectionResetError, TimeoutError, socket.timeout) as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes.count("data") >= 3
+        assert "ConnectionResetError" in outcomes
+        worker_stats = proxy.stats()["totals"]
+        assert (worker_stats["worker"]["fd_exhausted"]
+                + worker_stats["functions"]["identity"]["splice_fallbacks"]) >= 1
+        for sock in held:
+            sock.close()
+        assert wait_for(lambda: proxy.stats()["totals"]["functions"]["identity"]["flows_active"] == 0)
+        assert proxy.stats()["workers"][0]["pid"] == worker      # still the same process
+        assert roundtrip_ok(lab, tb)
+    finally:
+        for sock in locals().get("held", []):
+            sock.close()
+        proxy.stop()
+
+
+def test_dry_run_prints_and_installs_nothing(line):
+    tb, _ = line
+    p1 = tb.hosts["p1"]
+    before = kernel_state(p1, "dry")
+    result = p1.run([sys.executable, "-m", "srv6pipes.cli", "--dry-run", "--locator",
+                     str(tb.locator("p1")), "--name", "dry"])
+    assert "tproxy" in result.stdout and "ip -6 rule add fwmark" in result.stdout
+    assert "NFQUEUE" in result.stdout or "queue" in result.stdout
+    assert kernel_state(p1, "dry") == before
+
+
+def test_bad_command_line_is_a_clear_error(line):
+    tb, _ = line
+    result = tb.hosts["p1"].run([sys.executable, "-m", "srv6pipes.cli", "--locator",
+                                 "fc00:1::1/80"], check=False)
+    assert result.returncode == 2 and "--locator" in result.stderr
+
+
+def test_pipesctl_address_and_functions(line):
+    tb, _ = line
+    pipesctl = [sys.executable, "-c", "import sys; from srv6pipes.cli import pipesctl_main;"
+                " sys.exit(pipesctl_main(sys.argv[1:]))"]
+    out = subprocess.run(pipesctl + ["address", "fc00:1::/80", "xor", "42"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "fc00:1::1:0:2a"
+    out = subprocess.run(pipesctl + ["address", "fc00:1::/80", "0"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "fc00:1::"
+    bad = subprocess.run(pipesctl + ["address", "fc00:1::/80", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("fn"))
+    try:
+        functions = json.loads(proxy.ctl("functions").stdout)
+        assert [(f["id"], f["name"]) for f in functions] == [(0, "identity"), (1, "xor")]
+    finally:
+        proxy.stop()
