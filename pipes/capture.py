@@ -1,0 +1,374 @@
+"""SYN capture: NFQUEUE -> SRH table. The first step of the data path.
+
+The kernel queues every SYN addressed to this proxy's locator (ip6tables-legacy
+``-p tcp --syn -j NFQUEUE --queue-num Q --queue-bypass``). This process reads the full
+packet copy, which still carries the original destination (our function address) and the
+original segments-left, and stores the SRH in the shared table under the key the worker
+sees after accept(): (client address, client port, final destination, destination port).
+Only then does it accept the packet, so the entry exists before the SYN reaches the
+listener. Packets are always accepted, never dropped: a SYN without an SRH or with a
+malformed one goes on and the worker decides (it resets it).
+
+Counters live in the SRH table header (``_srhtable.COUNTERS``), so the master and
+``pipesctl`` read them from any mapping of the table. Per packet read from the queue,
+``syn_seen`` grows by one and so does exactly one of ``inserts``, ``rejected`` (SRH
+larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn`` and ``errors``.
+
+Process shape: the master forks and calls :func:`run_capture_process` (table created by
+the master) or :func:`capture_main` (the capture process creates the table). Both name
+the process, ask for SIGTERM when the master dies, drop every capability but
+CAP_NET_ADMIN (needed to send verdicts) and stop promptly on SIGTERM/SIGINT.
+``python -m srv6pipes.capture NAME QUEUE`` runs it in the foreground (tests, debugging).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import warnings
+from typing import Callable, Optional
+
+from . import _srhtable
+from .ratelimit import RateLimitedLogger
+from .srh import SRHError, find_srh
+
+log = logging.getLogger("srv6pipes.capture")
+
+# Same meaning as worker.EXIT_BOOT_FAILED: the master does not re-fork us in a tight loop.
+EXIT_BOOT_FAILED = 3
+EXIT_CRASHED = 1
+
+IPPROTO_TCP = 6
+TCP_SYN = 0x02
+TCP_ACK = 0x10
+IPV6_HEADER_LENGTH = 40
+
+# Bytes of each packet copied to us. netfilterqueue's receive buffer caps it at 4016; a SYN's
+# headers (IPv6 40 + SRH <= 2048 + other extension headers + TCP <= 60) fit well below.
+COPY_RANGE = 4016
+QUEUE_MAXLEN = 4096         # SYNs the kernel holds for us before it drops (ENOBUFS)
+READ_BUDGET = 256           # queue messages handled before the stop flag is checked again
+POLL_INTERVAL = 0.5         # seconds; the wake-up fd makes stopping immediate anyway
+
+
+class CaptureError(Exception):
+    """The queue cannot be bound (taken by another process, no permission, no module)."""
+
+
+class SynCapture:
+    """One bound NFQUEUE queue feeding one SRH table (the table's only writer).
+
+    handle_payload() is the pure per-packet logic (no I/O but the table); bind(), serve()
+    and close() own the queue.
+    """
+
+    def __init__(self, table, queue_num: int, logger: Optional[logging.Logger] = None,
+                 queue_maxlen: int = QUEUE_MAXLEN):
+        self.table = table
+        self.queue_num = queue_num
+        self.queue_maxlen = queue_maxlen
+        self.log = logger or log
+        self.rlog = RateLimitedLogger(self.log)
+        self.nfq = None
+        self._sock: Optional[socket.socket] = None
+
+    # -- per packet --------------------------------------------------------------------
+    def handle_payload(self, payload: bytes) -> str:
+        """Records the SRH of one queued packet; returns the counter it was counted in.
+
+        Called for each packet before its verdict. Never raises for bad packets.
+        """
+        table = self.table
+        table.count("syn_seen")
+        try:
+            if len(payload) >= COPY_RANGE:
+                payload = _untruncate(payload)
+            info = find_srh(payload)
+            if info.proto != IPPROTO_TCP or info.sport is None:
+                return self._count("not_syn", "not a TCP packet (protocol %s)", info.proto)
+            flags_at = info.l4_offset + 13
+            if flags_at >= len(payload) or payload[flags_at] & (TCP_SYN | TCP_ACK) != TCP_SYN:
+                return self._count("not_syn", "TCP packet from [%s]:%s is not a SYN",
+                                   info.src, info.sport)
+            srh = info.srh
+            if srh is None:
+                return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
+                                   info.src, info.sport, info.dst, info.dport,
+                                   level=logging.DEBUG)
+            # Key as the worker sees it after accept(): peer = client, local = final dest.
+            if table.insert(info.src.packed, info.sport, srh.final_destination.packed,
+                            info.dport, srh.segments_left, srh.to_bytes()):
+                return "inserts"
+            self.rlog.warning("rejected", "SYN from [%s]:%s: SRH of %d bytes is larger than "
+                              "the table's %d-byte slots; the worker will reset it", info.src,
+                              info.sport, srh.wire_length, _srhtable.SRH_MAX)
+            return "rejected"
+        except SRHError as exc:
+            return self._count("malformed", "malformed SYN: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - one odd packet must not stop the capture
+            return self._count("errors", "error handling a SYN: %r", exc, level=logging.ERROR)
+
+    def _count(self, counter: str, msg: str, *args, level: int = logging.WARNING) -> str:
+        self.table.count(counter)
+        self.rlog.log(level, counter, msg, *args)
+        return counter
+
+    def _on_packet(self, packet) -> None:
+        """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
+        the packet its verdict), and always accepts."""
+        try:
+            self.handle_payload(packet.get_payload())
+        except Exception as exc:  # noqa: BLE001
+            self.rlog.error("callback", "SYN capture callback failed: %r", exc)
+        finally:
+            try:
+                packet.accept()
+            except Exception as exc:  # noqa: BLE001 - verdict already given / queue gone
+                self.rlog.error("verdict", "accepting a queued SYN failed: %r", exc)
+
+    # -- the queue ---------------------------------------------------------------------
+    def bind(self) -> None:
+        """Binds queue `queue_num` in full-copy mode. Raises CaptureError naming the cause."""
+        try:
+            from netfilterqueue import COPY_PACKET, NetfilterQueue
+        except ImportError as exc:
+            raise CaptureError("the NetfilterQueue package is not installed "
+                               "(pip install NetfilterQueue; needs libnetfilter-queue)") from exc
+        try:
+            nfq = NetfilterQueue(af=socket.AF_INET6)
+        except OSError as exc:
+            raise CaptureError(f"cannot open an NFQUEUE handle ({exc}): are we root "
+                               "(CAP_NET_ADMIN) and is nfnetlink_queue available?") from exc
+        # netfilterqueue warns when the socket buffer is smaller than it asked for; with
+        # warnings turned into errors that would abort bind() after the queue was created.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                nfq.bind(self.queue_num, self._on_packet, max_len=self.queue_maxlen,
+                         mode=COPY_PACKET, range=COPY_RANGE)
+            except OSError as exc:
+                raise CaptureError(
+                    f"cannot bind NFQUEUE {self.queue_num} ({exc}): another process (another "
+                    "pipesd instance?) holds this queue number, or we lack CAP_NET_ADMIN; "
+                    "pick another --queue-num") from exc
+        for warning in caught:
+            self.log.warning("NFQUEUE %d: %s", self.queue_num, warning.message)
+        self.nfq = nfq
+        # A socket object on a dup of the queue's netlink fd: non-blocking reads in bounded
+        # batches (run_socket), so the stop flag is checked even under a SYN flood.
+        self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+        self._sock.setblocking(False)
+
+    def serve(self, should_stop: Callable[[], bool], wake_fd: Optional[int] = None,
+              poll_interval: float = POLL_INTERVAL) -> None:
+        """Handles queued SYNs until should_stop() is true. A byte on wake_fd (e.g. the
+        signal wake-up fd) makes the check immediate; it is drained here."""
+        if self.nfq is None:
+            raise RuntimeError("SynCapture.serve() before bind()")
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
+        reader = _BudgetedReader(self._sock, self.table)
+        timeout_ms = int(poll_interval * 1000)
+        while not should_stop():
+            try:
+                events = poller.poll(timeout_ms)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == wake_fd:
+                    _drain(wake_fd)
+                else:
+                    reader.budget = READ_BUDGET
+                    self.nfq.run_socket(reader)
+
+    def close(self) -> None:
+        """Unbinds the queue (the kernel then bypasses it: --queue-bypass). Idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.nfq is not None:
+            self.nfq.unbind()
+            self.nfq = None
+        self.rlog.flush()
+
+
+class _BudgetedReader:
+    """What NetfilterQueue.run_socket() reads from: the queue socket, with EAGAIN after
+    `budget` messages (run_socket returns on EAGAIN) and ENOBUFS counted as queue_drops."""
+
+    def __init__(self, sock: socket.socket, table):
+        self.sock = sock
+        self.table = table
+        self.budget = READ_BUDGET
+
+    def recv(self, size: int) -> bytes:
+        if self.budget <= 0:
+            raise BlockingIOError(errno.EAGAIN, "read budget spent")
+        self.budget -= 1
+        try:
+            return self.sock.recv(size)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.table.count("queue_drops")
+            raise
+
+
+def _untruncate(payload: bytes) -> bytes:
+    """A packet longer than COPY_RANGE arrives cut; its headers are all there. Make the IPv6
+    payload length match what we have so find_srh parses the headers."""
+    if len(payload) < IPV6_HEADER_LENGTH or payload[0] >> 4 != 6:
+        return payload
+    claimed = int.from_bytes(payload[4:6], "big")
+    have = len(payload) - IPV6_HEADER_LENGTH
+    if claimed <= have:
+        return payload
+    return payload[:4] + have.to_bytes(2, "big") + payload[6:]
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def run_capture(name: str, queue_num: int, table, logger: Optional[logging.Logger] = None,
+                stop_event=None, wake_fd: Optional[int] = None) -> None:
+    """Binds queue_num and feeds `table` until stop_event (threading/multiprocessing Event)
+    is set; forever without one. Raises CaptureError when the queue cannot be bound."""
+    logger = logger or log
+    capture = SynCapture(table, queue_num, logger)
+    capture.bind()
+    logger.info("capture [%s]: NFQUEUE %d -> SRH table %s", name, queue_num,
+                _srhtable.segment_name(name))
+    try:
+        capture.serve(stop_event.is_set if stop_event is not None else (lambda: False),
+                      wake_fd)
+    finally:
+        capture.close()
+
+
+# -- the process -----------------------------------------------------------------------
+def run_capture_process(name: str, queue_num: int, table) -> None:
+    """Post-fork entry point used by the master (which created `table`). Never returns."""
+    code = _process_body(name, queue_num, lambda: table)
+    _exit(code)
+
+
+def capture_main(name: str, queue_num: int, nslots: int = _srhtable.DEFAULT_SLOTS,
+                 ttl_ms: int = _srhtable.DEFAULT_TTL_MS) -> int:
+    """Entry point that creates the table itself (replacing a stale one), then captures
+    until SIGTERM. Returns the exit code: 0 stopped, EXIT_BOOT_FAILED could not start,
+    EXIT_CRASHED failed later. In a forked child call os._exit(capture_main(...))."""
+    return _process_body(name, queue_num,
+                         lambda: _srhtable.SrhTable.create(name, nslots, ttl_ms))
+
+
+def _process_body(name: str, queue_num: int, open_table: Callable) -> int:
+    parent = os.getppid()
+    stop = []
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def handle_stop(signum, frame):
+        stop.append(signum)
+
+    try:
+        _name_process(name, parent)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handle_stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.set_wakeup_fd(wake_w)
+        table = open_table()
+        capture = SynCapture(table, queue_num, log)
+        capture.bind()
+        _drop_capabilities()
+    except Exception as exc:  # noqa: BLE001 - every boot failure is reported the same way
+        log.error("capture [%s] failed to start: %s", name, exc)
+        return EXIT_BOOT_FAILED
+    log.info("capture [%s] (pid %d): NFQUEUE %d -> SRH table %s", name, os.getpid(),
+             queue_num, table.segment)
+    try:
+        capture.serve(lambda: bool(stop), wake_r)
+    except Exception:  # noqa: BLE001
+        log.exception("capture [%s] crashed", name)
+        return EXIT_CRASHED
+    finally:
+        capture.close()
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+    counters = table.counters()
+    log.info("capture [%s] stopped: %s", name,
+             ", ".join(f"{key} {counters[key]}" for key in
+                       ("syn_seen", "inserts", "no_srh", "malformed", "rejected")))
+    return 0
+
+
+def _name_process(name: str, parent: int) -> None:
+    try:
+        import prctl
+    except ImportError:  # pragma: no cover - python-prctl is a dependency
+        log.warning("python-prctl missing: no process name, no parent-death signal")
+        return
+    prctl.set_name("pipesd capture")  # 15 characters: the kernel's limit
+    prctl.set_proctitle(f"pipesd: capture [{name}]")
+    prctl.set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before pdeathsig was armed
+        raise CaptureError("parent process exited during start-up")
+
+
+def _drop_capabilities() -> None:
+    """Keeps CAP_NET_ADMIN only: nfnetlink checks it on every verdict we send. The capture
+    parses untrusted packets, so it should hold nothing else."""
+    try:
+        import prctl
+
+        prctl.cap_effective.limit(prctl.CAP_NET_ADMIN)
+        prctl.cap_permitted.limit(prctl.CAP_NET_ADMIN)
+        prctl.cap_inheritable.limit()
+    except Exception as exc:  # noqa: BLE001 - not fatal: we run, with more privilege
+        log.warning("could not drop capabilities: %s", exc)
+
+
+def _exit(code: int) -> None:
+    for handler in logging.getLogger().handlers + log.handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv=None) -> int:
+    """``python -m srv6pipes.capture NAME QUEUE``: capture in the foreground."""
+    parser = argparse.ArgumentParser(prog="python -m srv6pipes.capture", description=__doc__
+                                     .split("\n\n")[0])
+    parser.add_argument("name", help="pipesd instance name (SRH table /srv6pipes-NAME-srh)")
+    parser.add_argument("queue_num", type=int, help="NFQUEUE number")
+    parser.add_argument("--slots", type=int, default=_srhtable.DEFAULT_SLOTS)
+    parser.add_argument("--ttl-ms", type=int, default=_srhtable.DEFAULT_TTL_MS)
+    parser.add_argument("--unlink-on-exit", action="store_true",
+                        help="remove the table when stopping (default: leave it to the master)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return capture_main(args.name, args.queue_num, args.slots, args.ttl_ms)
+    finally:
+        if args.unlink_on_exit:
+            _srhtable.unlink(args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
