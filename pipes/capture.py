@@ -68,8 +68,11 @@ class SynCapture:
     """
 
     def __init__(self, table, queue_num: int, logger: Optional[logging.Logger] = None,
-                 queue_maxlen: int = QUEUE_MAXLEN):
+                 queue_maxlen: int = QUEUE_MAXLEN, return_routes=None):
         self.table = table
+        # Off-path proxies: a returnpath.ReturnRoutes that marks each SYN with its return
+        # path (see returnpath.py); None on-path.
+        self.return_routes = return_routes
         self.queue_num = queue_num
         self.queue_maxlen = queue_maxlen
         self.log = logger or log
@@ -78,10 +81,11 @@ class SynCapture:
         self._sock: Optional[socket.socket] = None
 
     # -- per packet --------------------------------------------------------------------
-    def handle_payload(self, payload: bytes) -> str:
+    def handle_payload(self, payload: bytes, set_mark: Optional[Callable[[int], None]] = None) -> str:
         """Records the SRH of one queued packet; returns the counter it was counted in.
 
-        Called for each packet before its verdict. Never raises for bad packets.
+        Called for each packet before its verdict. Never raises for bad packets. With
+        return routes, calls set_mark(mark) so the connection's replies take its return path.
         """
         table = self.table
         table.count("syn_seen")
@@ -100,6 +104,10 @@ class SynCapture:
                 return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
                                    info.src, info.sport, info.dst, info.dport,
                                    level=logging.DEBUG)
+            if self.return_routes is not None and set_mark is not None:
+                mark = self.return_routes.mark_for(srh, info.src)
+                if mark:
+                    set_mark(mark)
             # Key as the worker sees it after accept(): peer = client, local = final dest.
             if table.insert(info.src.packed, info.sport, srh.final_destination.packed,
                             info.dport, srh.segments_left, srh.to_bytes()):
@@ -122,7 +130,7 @@ class SynCapture:
         """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
         the packet its verdict), and always accepts."""
         try:
-            self.handle_payload(packet.get_payload())
+            self.handle_payload(packet.get_payload(), packet.set_mark)
         except Exception as exc:  # noqa: BLE001
             self.rlog.error("callback", "SYN capture callback failed: %r", exc)
         finally:
@@ -257,9 +265,9 @@ def run_capture(name: str, queue_num: int, table, logger: Optional[logging.Logge
 
 
 # -- the process -----------------------------------------------------------------------
-def run_capture_process(name: str, queue_num: int, table) -> None:
+def run_capture_process(name: str, queue_num: int, table, return_routes=None) -> None:
     """Post-fork entry point used by the master (which created `table`). Never returns."""
-    code = _process_body(name, queue_num, lambda: table)
+    code = _process_body(name, queue_num, lambda: table, return_routes)
     _exit(code)
 
 
@@ -272,7 +280,7 @@ def capture_main(name: str, queue_num: int, nslots: int = _srhtable.DEFAULT_SLOT
                          lambda: _srhtable.SrhTable.create(name, nslots, ttl_ms))
 
 
-def _process_body(name: str, queue_num: int, open_table: Callable) -> int:
+def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None) -> int:
     parent = os.getppid()
     stop = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -287,7 +295,7 @@ def _process_body(name: str, queue_num: int, open_table: Callable) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.set_wakeup_fd(wake_w)
         table = open_table()
-        capture = SynCapture(table, queue_num, log)
+        capture = SynCapture(table, queue_num, log, return_routes=return_routes)
         capture.bind()
         _drop_capabilities()
     except Exception as exc:  # noqa: BLE001 - every boot failure is reported the same way

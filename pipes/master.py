@@ -18,7 +18,8 @@ import select
 import signal
 import time
 
-from . import _srhtable, kernelsetup, stats
+from . import _srhtable, kernelsetup, returnpath, stats
+from .addressplan import AddressPlan
 from .config import Config, ConfigError, build_config
 from .control import ControlServer
 from .functions import FunctionRegistry
@@ -91,6 +92,10 @@ class Master:
     def setup(self) -> None:
         self.kernel_installed = kernel_config(self.config)
         kernelsetup.install(self.kernel_installed)
+        returnpath.remove(self.config.name, self.config.fwmark, self.kernel_installed.rule_priority)
+        if self.config.return_mode != "on-path":
+            returnpath.install(self.config.name, self.config.fwmark,
+                               self.kernel_installed.rule_priority)
         self.srh_table = _srhtable.SrhTable.create(self.config.name, self.config.table_slots,
                                                    self.config.table_ttl_ms)
         self.stats_block = stats.StatsBlock.create(self.config.name, STATS_REGIONS)
@@ -107,6 +112,8 @@ class Master:
             self.control.close()
         if self.kernel_installed is not None:
             try:
+                returnpath.remove(self.config.name, self.config.fwmark,
+                                  self.kernel_installed.rule_priority)
                 kernelsetup.remove(self.kernel_installed)
             except Exception:  # noqa: BLE001 - keep tearing down the rest
                 log.exception("removing kernel state failed")
@@ -242,8 +249,14 @@ class Master:
 
         child = Child("capture", 0, -1, self.generation, time.monotonic())
         config = self.config
+        routes = None
+        if config.return_mode != "on-path":
+            plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
+            routes = returnpath.ReturnRoutes(config.name, config.fwmark,
+                                             self.kernel_installed.rule_priority,
+                                             config.return_mode, plan)
         self.fork(child, lambda: run_capture_process(config.name, config.queue_num,
-                                                     self.srh_table))
+                                                     self.srh_table, routes))
 
     def spawn_generation(self) -> None:
         self.generation += 1

@@ -277,25 +277,24 @@ class SRH:
         """Return the SRH for the socket towards the next segment, or None.
 
         Called by the worker after it processed the active segment
-        (``segments[segments_left]``, one of its function addresses). Linux
-        (``ipv6_push_rthdr4``) sends a socket's packets to ``segments[last_entry]`` and
-        writes the connect() address into ``segments[0]``, so the header keeps the final
-        destination at index 0 and drops the segments already visited, with every
-        remaining segment still to visit: ``segments[:segments_left]``, fresh
-        ``segments_left``. The worker connects to the final destination.
+        (``segments[segments_left]``, one of its function addresses). The header is the
+        same segment list with ``segments_left`` decremented, as an SR endpoint forwards
+        it: Linux (``ipv6_push_rthdr4``) sends a socket's packets to
+        ``segments[segments_left]`` (checked on this kernel) and writes the connect()
+        address, the final destination, into ``segments[0]``. Keeping the segments
+        already visited lets later proxies reverse the path for return traffic.
 
         Returns None when the next segment is the final destination (``segments_left``
-        is 1): a plain connection needs no SRH. Raises :class:`SRHError` when
-        ``segments_left`` is 0 (there is no next segment).
+        is 1): an unmodified server drops SRH packets unless seg6 is enabled on it, and a
+        plain connection needs no SRH. Raises :class:`SRHError` when ``segments_left`` is
+        0 (there is no next segment).
         """
         if self.segments_left == 0:
             raise SRHError("segments_left is 0: the packet reached its final destination, "
                            "there is no onward segment")
         if self.segments_left == 1:
             return None
-        remaining = self.segments[:self.segments_left]
-        return SRH(remaining, len(remaining) - 1, self.flags, self.tag, self.tlvs,
-                   self.next_header)
+        return dataclasses.replace(self, segments_left=self.segments_left - 1)
 
     def return_path(self) -> Optional[list[IPv6Address]]:
         """Return the return path carried in the RETURN_PATH_TLV, first hop first.

@@ -145,23 +145,6 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
     return Route(srh, function_id, params)
 
 
-def return_header(route: Route, client: str, mode: str, plan: AddressPlan) -> SRH | None:
-    """The SRH for the client-facing socket (off-path return traffic), or None."""
-    if mode == "on-path":
-        return None
-    if mode == "tlv":
-        path = route.srh.return_path()
-        if path:
-            # The TLV lists the whole return path; keep what comes after our own entry.
-            for index, segment in enumerate(path):
-                if plan.contains(segment):
-                    path = path[index + 1:]
-                    break
-            return SRH.from_path(path) if len(path) > 1 else None
-    from ipaddress import IPv6Address
-    return route.srh.reversed_to(IPv6Address(client))
-
-
 class Worker:
     """Built in the master before fork; everything process-specific happens in run()."""
 
@@ -296,9 +279,6 @@ class Worker:
                 function = self.registry.by_id(route.function_id)
             except UnknownFunction as exc:
                 raise Rejected("unknown_function", str(exc)) from None
-            back = return_header(route, client_addr, self.config.return_mode, self.plan)
-            if back is not None:
-                client.setsockopt(SOL_IPV6, IPV6_RTHDR, back.to_bytes())
             server = self.connect_onward(client_addr, client_port, dest_addr, dest_port,
                                          route.srh.onward())
             client.setblocking(False)

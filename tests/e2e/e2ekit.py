@@ -179,3 +179,23 @@ def connection_outcome(make_socket, target, timeout=5.0) -> str:
         return "timeout"
     finally:
         sock.close()
+
+
+def kernel_state(host, name: str) -> dict:
+    """Everything pipesd may touch in a namespace, as text to compare."""
+    def out(cmd):
+        return host.run(cmd, check=False).stdout
+
+    sysctls = out(["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/seg6_enabled "
+                               "/proc/sys/net/ipv6/conf/all/forwarding "
+                               "/proc/sys/net/ipv4/tcp_fwmark_accept"])
+    return {
+        "nft": out(["nft", "list", "ruleset"]),
+        "ip6tables": "\n".join(line for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
+                               if not line.startswith("#") and not line.startswith(":")),
+        "rules": out(["ip", "-6", "rule"]),
+        "routes": out(["ip", "-6", "route", "show", "table", "all"]),
+        "sysctls": sysctls,
+        "shm": sorted(f for f in os.listdir("/dev/shm") if name in f),
+        "control": os.path.exists(f"/run/srv6pipes/{name}.sock"),
+    }

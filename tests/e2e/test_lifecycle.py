@@ -15,28 +15,9 @@ import pytest
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.labapps import Pipesd
 
-from e2ekit import ECHO_PORT, EchoServer, Lab, connection_outcome, wait_for
+from e2ekit import ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def kernel_state(host, name: str) -> dict:
-    """Everything pipesd may touch in a namespace, as text to compare."""
-    def out(cmd):
-        return host.run(cmd, check=False).stdout
-
-    sysctls = out(["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/seg6_enabled "
-                               "/proc/sys/net/ipv6/conf/all/forwarding"])
-    return {
-        "nft": out(["nft", "list", "ruleset"]),
-        "ip6tables": "\n".join(line for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
-                               if not line.startswith("#") and not line.startswith(":")),
-        "rules": out(["ip", "-6", "rule"]),
-        "routes": out(["ip", "-6", "route", "show", "table", "all"]),
-        "sysctls": sysctls,
-        "shm": sorted(f for f in os.listdir("/dev/shm") if name in f),
-        "control": os.path.exists(f"/run/srv6pipes/{name}.sock"),
-    }
 
 
 @pytest.fixture

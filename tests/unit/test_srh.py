@@ -209,12 +209,12 @@ def test_srh_error_is_a_value_error():
 
 # Onward, return path, reversed SRH on C -> P1 -> P2 -> S.
 
-def test_onward_at_first_proxy_keeps_final_destination_at_index_0():
+def test_onward_at_first_proxy_keeps_every_segment_and_decrements():
     tlvs = (TLV(RETURN_PATH_TLV, P1.packed + C.packed),)
     at_p1 = SRH([S, P2, P1], 2, flags=1, tag=9, tlvs=tlvs)
     onward = at_p1.onward()
-    assert onward.segments == (S, P2)
-    assert onward.segments_left == onward.last_entry == 1
+    assert onward.segments == (S, P2, P1)      # P1 stays: P2 can reverse the path
+    assert onward.segments_left == 1 and onward.last_entry == 2
     assert onward.active_segment == P2
     assert (onward.flags, onward.tag, onward.tlvs) == (1, 9, tlvs)
 
@@ -424,7 +424,8 @@ def test_onward_and_reversed_are_consistent(srh):
     else:
         onward = srh.onward()
         assert onward.final_destination == srh.final_destination
-        assert onward.path == srh.path[srh.last_entry - srh.segments_left + 1:]
+        assert onward.segments == srh.segments
+        assert onward.segments_left == srh.segments_left - 1
     back = srh.reversed_to(C)
     earlier = srh.path[:srh.last_entry - srh.segments_left]
     if not earlier:

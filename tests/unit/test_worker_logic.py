@@ -8,7 +8,8 @@ import pytest
 
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
-from srv6pipes.worker import Rejected, resolve_route, return_header
+from srv6pipes.returnpath import return_segments
+from srv6pipes.worker import Rejected, resolve_route
 
 PLAN = AddressPlan("fc00:1::/80")
 OTHER = AddressPlan("fc00:2::/80")
@@ -39,7 +40,7 @@ def test_table_hit_uses_the_original_segments_left():
     counters = Counters()
     route = resolve_route((2, srh.to_bytes()), None, PLAN, counters)
     assert (route.function_id, route.params) == (1, 42)
-    assert route.srh.onward().path == [OTHER.encode(0), SERVER]
+    assert route.srh.onward().active_segment == OTHER.encode(0)
     assert counters.values == {"table_hits": 1}
 
 
@@ -76,14 +77,16 @@ def test_saved_syn_without_any_srh_is_no_srh():
     assert raised.value.counter == "no_srh"
 
 
-def test_return_headers_per_mode():
+def test_return_segments_per_mode():
     p0 = AddressPlan("fc00:9::/80").encode(0)
     srh = SRH.from_path([p0, PLAN.encode(1), SERVER])
     route = resolve_route((1, srh.to_bytes()), None, PLAN, Counters())
-    assert return_header(route, str(CLIENT), "on-path", PLAN) is None
-    assert return_header(route, str(CLIENT), "reverse", PLAN).path == [p0, CLIENT]
+    assert return_segments(route.srh, CLIENT, "on-path", PLAN) is None
+    assert return_segments(route.srh, CLIENT, "reverse", PLAN) == [p0, CLIENT]
+    first_hop = SRH.from_path([PLAN.encode(1), SERVER])
+    assert return_segments(first_hop, CLIENT, "reverse", PLAN) is None
     back = [PLAN.encode(1), p0, CLIENT]
     tlv = TLV(RETURN_PATH_TLV, b"".join(a.packed for a in back))
     with_tlv = SRH.from_path([p0, PLAN.encode(1), SERVER], tlvs=(tlv,))
     route = resolve_route((1, with_tlv.to_bytes()), None, PLAN, Counters())
-    assert return_header(route, str(CLIENT), "tlv", PLAN).path == [p0, CLIENT]
+    assert return_segments(route.srh, CLIENT, "tlv", PLAN) == [p0, CLIENT]
