@@ -1,0 +1,828 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The per-worker relay loop: moves the bytes of every flow between its two sockets.
+
+A *flow* is the pair of connections through the proxy: side 0 is the client connection
+(accepted by the worker), side 1 the server connection (connected onward). Direction 0 ("up")
+moves client -> server bytes, direction 1 ("down") server -> client bytes.
+
+The worker (Python) accepts and connects, then hands both descriptors to `RelayLoop.add_flow`;
+from then on the loop owns them and closes each exactly once. `RelayLoop.poll` runs one
+`epoll_wait` and handles every flow event in C without the GIL; it returns True when the
+listening socket is readable so that Python accepts.
+
+Per direction the loop holds at most one buffer (`buffer_size` bytes, buffer path) or one pipe
+(splice path) of bytes read but not yet written. It stops reading a source while that is full,
+so a slow reader is throttled by TCP flow control instead of growing memory.
+
+Flow life cycle (`Flow.state`):
+
+    FREE --add_flow--> CONNECTING --EPOLLOUT on server, SO_ERROR == 0--> OPEN
+                           |  SO_ERROR != 0 / EPOLLERR|EPOLLHUP on server -> close: RST client,
+                           |                                                 connect_failed
+                           |  EPOLLERR|EPOLLHUP on client -> close: RST server, flows_reset
+    OPEN: every event pumps both directions until no progress (edge-triggered). A direction
+          reads (src -> buffer/pipe), transforms, writes (buffer/pipe -> dst). At EOF of src
+          and once every byte read is written, shutdown(dst, SHUT_WR) forwards the FIN
+          ("done"). Both directions done -> close both sockets normally (flows_closed).
+          Any error on either socket (ECONNRESET, EPIPE, SO_ERROR after EPOLLERR) -> RST both
+          sides (SO_LINGER {1, 0} + close), flows_reset.
+
+Edge-triggered readiness is cached per socket (`Flow.rd` / `Flow.wr`): set by an event, cleared
+on EAGAIN (or on a short recv(), which proves the receive queue empty, unless a FIN, error or
+urgent data was signalled), so a pump skips the syscalls that would certainly block. A pump
+makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list which the
+next poll serves (with a zero epoll timeout), so one fast flow cannot starve the others.
+
+Splice path details: empty pipes of closed flows are pooled (PIPE_POOL) instead of closed; a
+pipe that still holds bytes (reset flow) is never reused. splice() cannot read past TCP urgent
+data, so at the urgent mark one page is moved with recv() + write() into the empty pipe.
+If pipes cannot be created (EMFILE...) the flow uses the buffer path (splice_fallbacks).
+
+Transforms (buffer path) are a function pointer bound once per flow (relay_impl.h:
+`relay_xform`), called in place on every chunk read; MODE_SPLICE falls back to identity.
+The process must ignore SIGPIPE (Python does): splice() to a reset socket cannot pass
+MSG_NOSIGNAL.
+"""
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memset
+from libc.errno cimport errno, EAGAIN, EINTR
+from posix.unistd cimport close
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
+
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLRDHUP
+        EPOLLPRI
+        EPOLLERR
+        EPOLLHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+
+cdef extern from "fcntl.h" nogil:
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        O_NONBLOCK
+        O_CLOEXEC
+
+
+cdef extern from "unistd.h" nogil:
+    int pipe2(int *fds, int flags)
+    ssize_t write(int fd, const void *buf, size_t n)
+
+
+cdef extern from "sys/ioctl.h" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        SIOCATMARK
+
+
+cdef extern from "sys/socket.h" nogil:
+    struct linger:
+        int l_onoff
+        int l_linger
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int setsockopt(int fd, int level, int optname, const void *optval, unsigned int optlen)
+    int getsockopt(int fd, int level, int optname, void *optval, unsigned int *optlen)
+    enum:
+        SOL_SOCKET
+        SO_LINGER
+        SO_ERROR
+        SHUT_WR
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+
+
+cdef extern from "relay_impl.h" nogil:
+    ctypedef struct relay_xform:
+        int (*process)(relay_xform *x, int direction, unsigned char *buf, size_t len) noexcept nogil
+        uint64_t key
+        uint64_t offset[2]
+    int relay_process_xor(relay_xform *x, int direction, unsigned char *buf, size_t len)
+    void relay_xor_inplace(unsigned char *buf, size_t len, uint8_t key)
+
+
+MODE_SPLICE = 0
+MODE_XOR = 1
+
+# The per-function-slot counters, in order; the slot's block starts at slot * len(...).
+# Every flow that add_flow() accepted ends in exactly one of closed / reset / connect_failed;
+# flows_rejected counts add_flow() calls refused (table full, out of memory): not started.
+FUNCTION_COUNTERS = (
+    "flows_started",
+    "flows_active",
+    "flows_closed",
+    "flows_reset",
+    "connect_failed",
+    "bytes_up",
+    "bytes_down",
+    "splice_fallbacks",
+    "flows_rejected",
+)
+
+cdef enum:
+    C_STARTED = 0
+    C_ACTIVE
+    C_CLOSED
+    C_RESET
+    C_CONNECT_FAILED
+    C_BYTES_UP
+    C_BYTES_DOWN
+    C_SPLICE_FALLBACKS
+    C_REJECTED
+    N_COUNTERS
+
+assert N_COUNTERS == len(FUNCTION_COUNTERS)
+
+cdef enum:
+    FREE = 0
+    CONNECTING = 1
+    OPEN = 2
+
+cdef enum:
+    PUMP_ROUNDS = 32        # rounds per pump before the flow yields to the ready list
+    PIPE_POOL = 64          # empty pipes kept for reuse (2 descriptors each)
+    MAX_EVENTS = 256
+
+# epoll_event.data.u64: generation << 32 | flow index << 1 | side. The generation makes a
+# stale event (a descriptor shared with another process outliving our close) harmless.
+cdef uint64_t LISTENER_TOKEN = 0xFFFFFFFFFFFFFFFFULL
+
+cdef int CAN_READ = EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLERR | EPOLLHUP
+# After these a short read does not prove the receive queue empty (a FIN or an error must
+# still be read; TCP urgent data makes recv stop early at the urgent mark).
+cdef int NO_SHORTCUT = EPOLLRDHUP | EPOLLPRI | EPOLLERR | EPOLLHUP
+cdef int CAN_WRITE = EPOLLOUT | EPOLLERR | EPOLLHUP
+
+
+cdef struct Dir:
+    unsigned char *buf      # buffer path: pending bytes are buf[start:start + pending]
+    size_t start
+    size_t pending          # bytes read from src, not yet written to dst (buffer or pipe)
+    int pipe_r              # splice path: the pipe, -1 on the buffer path
+    int pipe_w
+    size_t pipe_cap
+    bint eof                # src returned EOF
+    bint done               # FIN forwarded: shutdown(dst, SHUT_WR) done
+
+
+cdef struct PooledPipe:
+    int pipe_r
+    int pipe_w
+    size_t pipe_cap
+
+
+cdef struct Flow:
+    int fd[2]               # 0 = client, 1 = server
+    bint rd[2]              # cached readiness (edge-triggered): set by events, cleared on EAGAIN
+    bint wr[2]
+    bint hup[2]             # NO_SHORTCUT event seen: read until EAGAIN, EOF or error
+    int state
+    uint32_t gen
+    bint use_pipes
+    uint64_t *ctr           # this flow's function-slot counters
+    relay_xform xf
+    Dir dir[2]
+    int next_free
+    int ready_prev          # ready list links, valid while queued
+    int ready_next
+    bint queued
+
+
+def xor_inplace(unsigned char[::1] buf not None, unsigned int key):
+    """XOR every byte of a writable buffer (bytearray, memoryview) with key & 0xFF in place.
+
+    The exact kernel the MODE_XOR buffer path uses; exposed for tests and benchmarks.
+    """
+    if buf.shape[0]:
+        with nogil:
+            relay_xor_inplace(&buf[0], <size_t>buf.shape[0], <uint8_t>(key & 0xFF))
+
+
+cdef inline bint would_block(int err) noexcept nogil:
+    return err == EAGAIN    # == EWOULDBLOCK on Linux
+
+
+cdef inline void close_reset(int fd) noexcept nogil:
+    """Close fd so that the peer gets an RST, not a FIN."""
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+    close(fd)
+
+
+cdef inline bint at_urgent_mark(int fd) noexcept nogil:
+    cdef int mark = 0
+    return ioctl(fd, SIOCATMARK, &mark) == 0 and mark != 0
+
+
+cdef inline int socket_error(int fd) noexcept nogil:
+    cdef int err = 0
+    cdef unsigned int n = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
+        return errno
+    return err
+
+
+cdef class RelayLoop:
+    """One worker's epoll relay loop. Not thread-safe: call every method from one thread.
+
+    RelayLoop(listen_fd, counters, nslots, max_flows=65536, buffer_size=65536, pipe_size=1<<20)
+
+    listen_fd is registered level-triggered (EPOLLIN) and never closed by the loop; closing it
+    is enough to unregister it. counters is a writable contiguous buffer (memoryview cast to
+    'Q', bytearray, mmap slice...) of at least nslots * len(FUNCTION_COUNTERS) native uint64,
+    8-byte aligned; it stays exported (locked) until close().
+    """
+    cdef int epfd
+    cdef int listen_fd
+    cdef Flow *flows
+    cdef int max_flows
+    cdef int free_head
+    cdef int high_water      # entries [high_water, max_flows) were never used
+    cdef int nactive
+    cdef int ready_head
+    cdef int ready_tail
+    cdef int nready
+    cdef uint64_t *counters
+    cdef int nslots
+    cdef Py_buffer view
+    cdef bint have_view
+    cdef size_t buffer_size
+    cdef size_t pipe_size
+    cdef epoll_event *events
+    cdef PooledPipe pool[PIPE_POOL]
+    cdef int pool_len
+    cdef public bint fail_pipes_for_testing  # makes add_flow take the splice fallback path
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.flows = NULL
+        self.events = NULL
+        self.have_view = False
+        self.ready_head = -1
+        self.ready_tail = -1
+
+    def __init__(self, int listen_fd, object counters, int nslots, int max_flows=65536,
+                 int buffer_size=65536, int pipe_size=1 << 20):
+        cdef epoll_event ev
+        if nslots <= 0:
+            raise ValueError("nslots must be positive")
+        if max_flows <= 0 or max_flows > (1 << 30):
+            raise ValueError("max_flows out of range")
+        if buffer_size < 64:
+            raise ValueError("buffer_size must be at least 64 bytes")
+        if pipe_size <= 0:
+            raise ValueError("pipe_size must be positive")
+        if self.epfd >= 0:
+            raise RuntimeError("RelayLoop already initialised")
+        PyObject_GetBuffer(counters, &self.view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        self.have_view = True
+        if self.view.len < <Py_ssize_t>nslots * N_COUNTERS * 8:
+            self._release_view()
+            raise ValueError(f"counters buffer too small: {nslots} slots * {N_COUNTERS} "
+                             f"counters * 8 bytes needed")
+        if (<size_t>self.view.buf) % 8:
+            self._release_view()
+            raise ValueError("counters buffer is not 8-byte aligned")
+        self.counters = <uint64_t *>self.view.buf
+        self.nslots = nslots
+        self.max_flows = max_flows
+        self.buffer_size = buffer_size
+        self.pipe_size = pipe_size
+        self.listen_fd = listen_fd
+        self.flows = <Flow *>calloc(max_flows, sizeof(Flow))
+        self.events = <epoll_event *>calloc(MAX_EVENTS, sizeof(epoll_event))
+        if self.flows == NULL or self.events == NULL:
+            self.close()
+            raise MemoryError()
+        # calloc'd pages are only touched when a flow first uses them (high_water), so a
+        # 65536-flow table costs nothing until the flows exist.
+        self.free_head = -1
+        self.high_water = 0
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            err = errno
+            self.close()
+            raise OSError(err, "epoll_create1 failed")
+        memset(&ev, 0, sizeof(ev))
+        ev.events = EPOLLIN
+        ev.data.u64 = LISTENER_TOKEN
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, listen_fd, &ev) < 0:
+            err = errno
+            self.close()
+            raise OSError(err, "cannot register the listening socket")
+
+    def __dealloc__(self):
+        self._close()
+
+    cdef void _release_view(self):
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+            self.have_view = False
+        self.counters = NULL
+
+    @property
+    def active_flows(self):
+        """Flows added and not yet closed."""
+        return self.nactive
+
+    # -- adding a flow -------------------------------------------------------------------
+    def add_flow(self, int client_fd, int server_fd, int mode, unsigned long long key=0,
+                 int slot=0, bint connecting=True):
+        """Hand a flow to the loop, which owns both descriptors from now on.
+
+        Both are nonblocking TCP sockets; with connecting=True the server socket has a
+        nonblocking connect() in progress. If the table is full or memory runs out the client
+        is reset, both are closed and flows_rejected is counted (nothing raised). A bad mode
+        or slot is a programming error: both are reset and ValueError is raised.
+        """
+        cdef Flow *f
+        cdef int idx, d
+        cdef uint64_t *ctr
+        cdef epoll_event ev
+        cdef bint fallback = False
+        if self.epfd < 0:
+            close_reset(client_fd)
+            close_reset(server_fd)
+            raise ValueError("RelayLoop is closed")
+        if slot < 0 or slot >= self.nslots or (mode != MODE_SPLICE and mode != MODE_XOR):
+            close_reset(client_fd)
+            close_reset(server_fd)
+            raise ValueError(f"bad mode {mode} or slot {slot} (nslots={self.nslots})")
+        ctr = self.counters + <size_t>slot * N_COUNTERS
+        if self.free_head >= 0:
+            idx = self.free_head
+            self.free_head = self.flows[idx].next_free
+        elif self.high_water < self.max_flows:
+            idx = self.high_water
+            self.high_water += 1
+        else:
+            close_reset(client_fd)
+            close_reset(server_fd)
+            ctr[C_REJECTED] += 1
+            return
+        f = &self.flows[idx]
+        memset(&f.dir[0], 0, sizeof(Dir) * 2)
+        memset(&f.xf, 0, sizeof(relay_xform))
+        f.fd[0] = client_fd
+        f.fd[1] = server_fd
+        f.gen += 1
+        f.ctr = ctr
+        f.queued = False
+        for d in range(2):
+            f.rd[d] = True
+            f.wr[d] = True
+            f.hup[d] = False
+            f.dir[d].pipe_r = -1
+            f.dir[d].pipe_w = -1
+        f.state = CONNECTING if connecting else OPEN
+        self.nactive += 1
+        ctr[C_STARTED] += 1
+        ctr[C_ACTIVE] += 1
+
+        f.use_pipes = False
+        if mode == MODE_SPLICE:
+            f.use_pipes = True
+            for d in range(2):
+                if self.fail_pipes_for_testing or self._get_pipe(&f.dir[d]) < 0:
+                    f.use_pipes = False
+                    break
+            if not f.use_pipes:
+                self._close_pipes(f)
+                ctr[C_SPLICE_FALLBACKS] += 1
+        else:
+            f.xf.process = relay_process_xor
+            f.xf.key = key & 0xFF
+        if not f.use_pipes:
+            # One allocation for both directions; freed at close.
+            f.dir[0].buf = <unsigned char *>malloc(2 * self.buffer_size)
+            if f.dir[0].buf == NULL:
+                # Undo the start: this flow never existed.
+                ctr[C_STARTED] -= 1
+                ctr[C_ACTIVE] -= 1
+                self.nactive -= 1
+                close_reset(client_fd)
+                close_reset(server_fd)
+                f.fd[0] = -1
+                f.fd[1] = -1
+                f.state = FREE
+                f.next_free = self.free_head
+                self.free_head = idx
+                ctr[C_REJECTED] += 1
+                return
+            f.dir[1].buf = f.dir[0].buf + self.buffer_size
+
+        memset(&ev, 0, sizeof(ev))
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET
+        for d in range(2):
+            ev.data.u64 = (<uint64_t>f.gen << 32) | (<uint64_t>idx << 1) | <uint64_t>d
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, f.fd[d], &ev) < 0:
+                self._finish(f, C_RESET)
+                return
+        # Readiness present at registration is reported by the first epoll_wait, so the
+        # flow starts pumping (or completes its connect) in the next poll().
+
+    # -- polling ---------------------------------------------------------------------------
+    def poll(self, int timeout_ms):
+        """One epoll_wait (timeout_ms, -1 = forever) and every flow event handled in C,
+        without the GIL. Returns True when the listening socket is readable."""
+        cdef int r
+        if self.epfd < 0:
+            raise ValueError("RelayLoop is closed")
+        with nogil:
+            r = self._poll(timeout_ms)
+        if r < 0:
+            # EINTR: return so that Python runs its signal handlers.
+            return False
+        return r == 1
+
+    cdef int _poll(self, int timeout) noexcept nogil:
+        cdef int n, i, side, idx, count
+        cdef uint64_t token
+        cdef uint32_t evs
+        cdef bint listener = False
+        cdef Flow *f
+        if self.ready_head >= 0:
+            timeout = 0
+        n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
+        if n < 0:
+            return -1
+        for i in range(n):
+            token = self.events[i].data.u64
+            if token == LISTENER_TOKEN:
+                listener = True
+                continue
+            idx = <int>((token >> 1) & 0x7FFFFFFF)
+            side = <int>(token & 1)
+            if idx >= self.max_flows:
+                continue
+            f = &self.flows[idx]
+            if f.state == FREE or f.gen != <uint32_t>(token >> 32):
+                continue
+            evs = self.events[i].events
+            if evs & CAN_READ:
+                f.rd[side] = True
+                if evs & NO_SHORTCUT:
+                    f.hup[side] = True
+            if evs & CAN_WRITE:
+                f.wr[side] = True
+            self._handle(f, side, evs)
+        # Serve the flows that ran out of budget, each at most once per poll.
+        count = self.nready
+        while count > 0 and self.ready_head >= 0:
+            count -= 1
+            f = &self.flows[self.ready_head]
+            self._unqueue(f)
+            self._pump(f)
+        return 1 if listener else 0
+
+    cdef void _handle(self, Flow *f, int side, uint32_t evs) noexcept nogil:
+        cdef int err
+        if f.state == CONNECTING:
+            if side == 1:
+                err = socket_error(f.fd[1])
+                if err != 0 or (evs & (EPOLLERR | EPOLLHUP)):
+                    self._finish(f, C_CONNECT_FAILED)
+                    return
+                if not (evs & EPOLLOUT):
+                    return
+                f.state = OPEN
+            else:
+                # The client may send (and even half-close) before the server answers: that
+                # is read once connected. An error means it gave up: abort the connect.
+                if evs & (EPOLLERR | EPOLLHUP):
+                    self._finish(f, C_RESET)
+                return
+        if self._pump(f):
+            return
+        if evs & EPOLLERR:
+            # A pending error the pump did not meet (e.g. an RST on a socket we no longer
+            # read from nor write to right now): it must still become an RST on the other side.
+            if socket_error(f.fd[side]) != 0:
+                self._finish(f, C_RESET)
+
+    # -- moving bytes ----------------------------------------------------------------------
+    cdef int _pump(self, Flow *f) noexcept nogil:
+        """Moves bytes both ways until nothing progresses. Returns 1 if the flow was closed."""
+        cdef int rounds = 0, a, b
+        if f.state != OPEN:
+            return 0
+        while True:
+            if f.use_pipes:
+                a = self._step_pipe(f, 0)
+                b = self._step_pipe(f, 1) if a >= 0 else 0
+            else:
+                a = self._step_buf(f, 0)
+                b = self._step_buf(f, 1) if a >= 0 else 0
+            if a < 0 or b < 0:
+                self._finish(f, C_RESET)
+                return 1
+            if f.dir[0].done and f.dir[1].done:
+                self._finish(f, C_CLOSED)
+                return 1
+            if not (a or b):
+                return 0
+            rounds += 1
+            if rounds >= PUMP_ROUNDS:
+                self._enqueue(f)
+                return 0
+
+    cdef int _step_buf(self, Flow *f, int d) noexcept nogil:
+        """One write + one read on direction d through its buffer.
+        Returns 1 on progress, 0 when blocked or finished, -1 on a socket error."""
+        cdef Dir *x = &f.dir[d]
+        cdef int src = d, dst = 1 - d
+        cdef ssize_t n
+        cdef size_t room
+        cdef int progress = 0
+        if x.done:
+            return 0
+        if x.pending and f.wr[dst]:
+            n = send(f.fd[dst], x.buf + x.start, x.pending, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n > 0:
+                x.start += n
+                x.pending -= n
+                f.ctr[C_BYTES_UP + d] += <uint64_t>n
+                progress = 1
+            elif n < 0:
+                if would_block(errno):
+                    f.wr[dst] = False
+                elif errno == EINTR:
+                    progress = 1
+                else:
+                    return -1
+        if not x.eof and f.rd[src]:
+            if x.pending == 0:
+                x.start = 0
+            room = self.buffer_size - x.start - x.pending
+            if room > 0:
+                n = recv(f.fd[src], x.buf + x.start + x.pending, room, MSG_DONTWAIT)
+                if n > 0:
+                    if f.xf.process != NULL:
+                        if f.xf.process(&f.xf, d, x.buf + x.start + x.pending, <size_t>n) < 0:
+                            return -1
+                        f.xf.offset[d] += <uint64_t>n
+                    x.pending += n
+                    progress = 1
+                    # A short TCP read means the receive queue was empty: data arriving
+                    # later wakes epoll again, so skip the recv that would say EAGAIN.
+                    # Not once a FIN/RST was signalled: nothing would report it again.
+                    if <size_t>n < room and not f.hup[src]:
+                        f.rd[src] = False
+                elif n == 0:
+                    x.eof = True
+                    progress = 1
+                elif would_block(errno):
+                    f.rd[src] = False
+                elif errno == EINTR:
+                    progress = 1
+                else:
+                    return -1
+        if x.eof and x.pending == 0:
+            if shutdown(f.fd[dst], SHUT_WR) < 0:
+                return -1
+            x.done = True
+            progress = 1
+        return progress
+
+    cdef int _step_pipe(self, Flow *f, int d) noexcept nogil:
+        """One splice out of + one splice into direction d's pipe. Same results as _step_buf."""
+        cdef Dir *x = &f.dir[d]
+        cdef int src = d, dst = 1 - d
+        cdef ssize_t n
+        cdef int progress = 0
+        if x.done:
+            return 0
+        if x.pending and f.wr[dst]:
+            n = splice(x.pipe_r, NULL, f.fd[dst], NULL, x.pending,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                x.pending -= n
+                f.ctr[C_BYTES_UP + d] += <uint64_t>n
+                progress = 1
+            elif n < 0:
+                if would_block(errno):
+                    f.wr[dst] = False
+                elif errno == EINTR:
+                    progress = 1
+                else:
+                    return -1
+        if not x.eof and f.rd[src] and x.pending < x.pipe_cap:
+            n = splice(f.fd[src], NULL, x.pipe_w, NULL, x.pipe_cap - x.pending,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                x.pending += n
+                progress = 1
+            elif n < 0 and errno == EINTR:
+                progress = 1
+            elif n < 0 and not would_block(errno):
+                return -1
+            elif f.hup[src] and at_urgent_mark(f.fd[src]):
+                # splice() cannot read past TCP urgent data: it reports EOF (FIN queued) or
+                # EAGAIN there, though bytes follow. Once the pipe is empty, recv() moves
+                # past the mark (dropping the urgent byte, as the buffer path does).
+                if x.pending == 0:
+                    n = self._bounce(f, d)
+                    if n < 0:
+                        return -1
+                    progress = 1
+            elif n == 0:
+                x.eof = True
+                progress = 1
+            elif x.pending == 0:
+                # EAGAIN means "socket empty" or "pipe full" (a pipe counts pages, not
+                # bytes). Only an empty pipe proves the socket is drained; otherwise keep the
+                # readiness and retry after the next write.
+                f.rd[src] = False
+        # Never forward the FIN while bytes are still in the pipe.
+        if x.eof and x.pending == 0:
+            if shutdown(f.fd[dst], SHUT_WR) < 0:
+                return -1
+            x.done = True
+            progress = 1
+        return progress
+
+    cdef int _bounce(self, Flow *f, int d) noexcept nogil:
+        """recv() up to one page from direction d's source into its (empty) pipe.
+        Returns bytes moved (0 at EOF or EAGAIN), -1 on error."""
+        cdef Dir *x = &f.dir[d]
+        cdef unsigned char page[4096]
+        cdef ssize_t n = recv(f.fd[d], page, sizeof(page), MSG_DONTWAIT)
+        if n == 0:
+            x.eof = True
+            return 0
+        if n < 0:
+            if would_block(errno) or errno == EINTR:
+                return 0
+            return -1
+        # A write of at most one page into an empty pipe always completes.
+        if write(x.pipe_w, page, <size_t>n) != n:
+            return -1
+        x.pending += n
+        return n
+
+    # -- ready list (flows that used up their pump budget) -----------------------------------
+    cdef void _enqueue(self, Flow *f) noexcept nogil:
+        cdef int idx = <int>(f - self.flows)
+        if f.queued:
+            return
+        f.queued = True
+        f.ready_next = -1
+        f.ready_prev = self.ready_tail
+        if self.ready_tail >= 0:
+            self.flows[self.ready_tail].ready_next = idx
+        else:
+            self.ready_head = idx
+        self.ready_tail = idx
+        self.nready += 1
+
+    cdef void _unqueue(self, Flow *f) noexcept nogil:
+        if not f.queued:
+            return
+        if f.ready_prev >= 0:
+            self.flows[f.ready_prev].ready_next = f.ready_next
+        else:
+            self.ready_head = f.ready_next
+        if f.ready_next >= 0:
+            self.flows[f.ready_next].ready_prev = f.ready_prev
+        else:
+            self.ready_tail = f.ready_prev
+        f.queued = False
+        self.nready -= 1
+
+    # -- pipes -----------------------------------------------------------------------------
+    cdef int _get_pipe(self, Dir *x) noexcept nogil:
+        """Gives x an empty pipe: a pooled one, or a new one sized pipe_size. -1 on failure."""
+        cdef int p[2]
+        cdef int r
+        if self.pool_len > 0:
+            self.pool_len -= 1
+            x.pipe_r = self.pool[self.pool_len].pipe_r
+            x.pipe_w = self.pool[self.pool_len].pipe_w
+            x.pipe_cap = self.pool[self.pool_len].pipe_cap
+            return 0
+        if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
+            return -1
+        x.pipe_r = p[0]
+        x.pipe_w = p[1]
+        r = fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
+        if r < 0:
+            r = fcntl(p[1], F_GETPIPE_SZ)
+        x.pipe_cap = r if r > 0 else 65536
+        return 0
+
+    cdef void _close_pipes(self, Flow *f) noexcept nogil:
+        """Returns each empty pipe to the pool (HAProxy's trick: two pipe2 + two fcntl + four
+        close saved per flow) and closes the others: a pipe with bytes left in it (reset
+        flows) cannot be reused."""
+        cdef int d
+        cdef Dir *x
+        for d in range(2):
+            x = &f.dir[d]
+            if x.pipe_r < 0:
+                continue
+            if x.pending == 0 and self.pool_len < PIPE_POOL:
+                self.pool[self.pool_len].pipe_r = x.pipe_r
+                self.pool[self.pool_len].pipe_w = x.pipe_w
+                self.pool[self.pool_len].pipe_cap = x.pipe_cap
+                self.pool_len += 1
+            else:
+                close(x.pipe_r)
+                close(x.pipe_w)
+            x.pipe_r = -1
+            x.pipe_w = -1
+
+    # -- closing ---------------------------------------------------------------------------
+
+    cdef void _finish(self, Flow *f, int how) noexcept nogil:
+        """Closes every descriptor of the flow exactly once and frees it.
+
+        how: C_CLOSED (normal close), C_RESET (RST both sides), C_CONNECT_FAILED (RST the
+        client; the failed server socket is just closed)."""
+        cdef int idx = <int>(f - self.flows)
+        if f.state == FREE:
+            return
+        self._unqueue(f)
+        if how == C_CLOSED:
+            close(f.fd[0])
+            close(f.fd[1])
+        else:
+            close_reset(f.fd[0])
+            close_reset(f.fd[1])
+        f.fd[0] = -1
+        f.fd[1] = -1
+        self._close_pipes(f)
+        if f.dir[0].buf != NULL:
+            free(f.dir[0].buf)
+        f.dir[0].buf = NULL
+        f.dir[1].buf = NULL
+        f.ctr[C_ACTIVE] -= 1
+        f.ctr[how] += 1
+        f.state = FREE
+        f.next_free = self.free_head
+        self.free_head = idx
+        self.nactive -= 1
+
+    def shutdown(self, bint reset):
+        """Closes every flow: reset=True sends RST both ways (flows_reset), reset=False
+        closes both sockets normally (flows_closed). Used on worker exit or drain deadline."""
+        self._finish_all(C_RESET if reset else C_CLOSED)
+
+    cdef void _finish_all(self, int how) noexcept nogil:
+        cdef int i
+        if self.flows == NULL:
+            return
+        for i in range(self.high_water):
+            if self.nactive == 0:
+                break
+            if self.flows[i].state != FREE:
+                self._finish(&self.flows[i], how)
+
+    cdef void _close(self):
+        self._finish_all(C_RESET)
+        while self.pool_len > 0:
+            self.pool_len -= 1
+            close(self.pool[self.pool_len].pipe_r)
+            close(self.pool[self.pool_len].pipe_w)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        free(self.flows)
+        self.flows = NULL
+        free(self.events)
+        self.events = NULL
+        self._release_view()
+
+    def close(self):
+        """Closes the epoll descriptor (not the listener) and frees the flow table and the
+        counters buffer export. Flows still open are reset first, so no descriptor leaks."""
+        self._close()

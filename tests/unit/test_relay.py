@@ -1,0 +1,974 @@
+"""The relay loop (cext/relay.pyx) over real loopback sockets.
+
+Topology of every test:  client --::1--> [listener, RelayLoop] --127.0.0.1--> backend.
+`Proxy` plays the worker: one thread calls `loop.poll(50)` (the GIL is released inside),
+accepts when the listener is readable, connects onward without blocking and hands both
+descriptors to `add_flow`. `Backend` is a selector-driven server in its own thread whose
+connections are `Peer`s; clients are `Peer`s driven by `run_peers` in the test thread, or
+plain blocking sockets. Every wait is bounded by a deadline.
+"""
+import errno
+import hashlib
+import os
+import queue
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srv6pipes import _relay
+
+N = len(_relay.FUNCTION_COUNTERS)
+INDEX = {name: i for i, name in enumerate(_relay.FUNCTION_COUNTERS)}
+KEY = 0x5A
+MODES = [pytest.param(_relay.MODE_SPLICE, id="splice"), pytest.param(_relay.MODE_XOR, id="xor")]
+MIB = 1 << 20
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+def key_for(mode):
+    return KEY if mode == _relay.MODE_XOR else 0
+
+
+def transformed(data, mode):
+    """What the relay must deliver for `data` (reference xor via a translation table)."""
+    if mode == _relay.MODE_XOR:
+        return data.translate(bytes(i ^ KEY for i in range(256)))
+    return data
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def reset_close(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def expect_reset(proxy):
+    """Connects through a proxy that must reset the connection. The RST can beat connect()
+    back to user space (loopback is that fast), so either call may report it."""
+    with pytest.raises(ConnectionResetError):
+        with proxy.connect(timeout=5) as sock:
+            sock.recv(100)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+class Peer:
+    """A nonblocking TCP endpoint: sends `payload` then shuts down its write side, reads until
+    EOF hashing what arrives, and closes once both are done.
+
+    echo: send back what arrives instead of a payload. send_after_eof: start sending only
+    after EOF (request/response). hold: never shut down nor close (the test does).
+    rst_after: reset the connection once that many bytes have arrived.
+    """
+
+    def __init__(self, sock, payload=b"", *, echo=False, send_after_eof=False, hold=False,
+                 rst_after=None):
+        sock.setblocking(False)
+        self.sock = sock
+        self.out = memoryview(payload)
+        self.sent = 0
+        self.echo = echo
+        self.echo_buf = bytearray()
+        self.send_after_eof = send_after_eof
+        self.hold = hold
+        self.rst_after = rst_after
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.eof = False
+        self.shut = False
+        self.closed = False
+        self.error = None
+
+    def has_output(self):
+        if self.echo:
+            return bool(self.echo_buf)
+        if self.send_after_eof and not self.eof:
+            return False
+        return self.sent < len(self.out)
+
+    def wanted(self):
+        if self.closed:
+            return 0
+        events = 0 if self.eof else READ
+        if self.has_output():
+            events |= WRITE
+        return events
+
+    @property
+    def digest(self):
+        return self.hash.hexdigest()
+
+    def handle(self, events, scratch):
+        try:
+            if events & READ:
+                self._read(scratch)
+            if not self.closed:
+                self._write()
+                self._maybe_finish()
+        except OSError as exc:
+            self.error = exc.errno
+            self.close()
+
+    def _read(self, scratch):
+        for _ in range(64):  # bounded: a fast sender must not starve the other peers
+            try:
+                n = self.sock.recv_into(scratch)
+            except BlockingIOError:
+                return
+            if n == 0:
+                self.eof = True
+                return
+            chunk = scratch[:n]
+            self.hash.update(chunk)
+            self.received += n
+            if self.echo:
+                self.echo_buf += chunk
+            if self.rst_after is not None and self.received >= self.rst_after:
+                self.close(rst=True)
+                return
+
+    def _write(self):
+        for _ in range(64):
+            if not self.has_output():
+                return
+            try:
+                if self.echo:
+                    n = self.sock.send(self.echo_buf)
+                    del self.echo_buf[:n]
+                else:
+                    n = self.sock.send(self.out[self.sent:self.sent + MIB])
+                    self.sent += n
+            except BlockingIOError:
+                return
+
+    def _maybe_finish(self):
+        if self.hold or self.has_output():
+            return
+        if not self.shut and (self.eof or not (self.echo or self.send_after_eof)):
+            self.sock.shutdown(socket.SHUT_WR)
+            self.shut = True
+        if self.shut and self.eof:
+            self.close()
+
+    def close(self, rst=False):
+        """Marks the peer finished; its reactor unregisters and closes the socket."""
+        if not self.closed:
+            self.closed = True
+            if rst:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class Reactor:
+    """Drives Peers with one selector; only ever touched by one thread at a time."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.scratch = bytearray(256 * 1024)
+        self.registered = {}
+        self.peers = []
+
+    def add(self, peer):
+        self.peers.append(peer)
+        peer.handle(0, self.scratch)  # starts sending (or FINs an empty payload) at once
+        events = peer.wanted()
+        if events:
+            self.selector.register(peer.sock, events, peer)
+            self.registered[peer] = events
+        elif peer.closed:
+            peer.sock.close()
+
+    def update(self, peer):
+        events = peer.wanted()
+        old = self.registered.get(peer)
+        if events != old:
+            if events:
+                self.selector.modify(peer.sock, events, peer)
+                self.registered[peer] = events
+            else:  # finished, or holding its socket open with nothing left to do
+                self.selector.unregister(peer.sock)
+                del self.registered[peer]
+        if peer.closed:
+            peer.sock.close()
+
+    def turn(self, timeout):
+        for key, events in self.selector.select(timeout):
+            if isinstance(key.data, Peer):
+                key.data.handle(events, self.scratch)
+                self.update(key.data)
+            else:
+                key.data(events)
+
+    def close(self):
+        """Closes every socket still open, including holding peers."""
+        for peer in self.peers:
+            peer.closed = True
+            peer.sock.close()
+        self.selector.close()
+
+
+def run_peers(peers, timeout=30.0):
+    """Runs client Peers in this thread until each has finished (or holds with EOF seen)."""
+    reactor = Reactor()
+    for peer in peers:
+        reactor.add(peer)
+    deadline = time.monotonic() + timeout
+    try:
+        while reactor.registered:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(reactor.registered)} peers unfinished after {timeout}s")
+            reactor.turn(0.1)
+    finally:
+        reactor.close()
+
+
+class Backend:
+    """The server side: accepts on 127.0.0.1 and serves each connection with make_peer(sock)."""
+
+    def __init__(self, make_peer):
+        self.make_peer = make_peer
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()
+        self.peers = []
+        self.failure = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="backend", daemon=True)
+        self.thread.start()
+
+    def _accept(self, events):
+        for _ in range(256):
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            peer = self.make_peer(sock)
+            self.peers.append(peer)
+            self.reactor.add(peer)
+
+    def _run(self):
+        self.reactor = Reactor()
+        self.reactor.selector.register(self.listener, READ, self._accept)
+        try:
+            while not self.stop_event.is_set():
+                self.reactor.turn(0.05)
+        except BaseException as exc:  # surfaced by close()
+            self.failure = exc
+        finally:
+            self.reactor.close()
+
+    def wait_peers(self, count, timeout=30.0, done=lambda peer: peer.closed):
+        assert wait_until(lambda: len(self.peers) >= count
+                          and all(done(peer) for peer in list(self.peers)[:count]), timeout), \
+            f"backend: {len(self.peers)} peers, not all done"
+        return self.peers[:count]
+
+    def close(self):
+        self.stop_event.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.listener.close()
+        if self.failure is not None:
+            raise self.failure
+
+
+class Proxy:
+    """A worker in miniature: a RelayLoop polled by one thread, which also accepts."""
+
+    def __init__(self, target, mode, *, key=None, slot=0, nslots=2, max_flows=4096,
+                 buffer_size=65536, pipe_size=1 << 20, connecting=True, fail_pipes=False,
+                 server_rcvbuf=None):
+        self.target = target
+        self.mode = mode
+        self.key = key_for(mode) if key is None else key
+        self.slot = slot
+        self.connecting = connecting
+        self.server_rcvbuf = server_rcvbuf
+        self.listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.listener.bind(("::1", 0))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        self.words = memoryview(bytearray(nslots * N * 8)).cast("Q")
+        self.loop = _relay.RelayLoop(self.listener.fileno(), self.words, nslots, max_flows,
+                                     buffer_size, pipe_size)
+        self.loop.fail_pipes_for_testing = fail_pipes
+        self.calls = queue.Queue()
+        self.failure = None
+        self.polls = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stop_event.is_set():
+                if self.loop.poll(50):
+                    self._accept()
+                self.polls += 1
+                while not self.calls.empty():
+                    self.calls.get_nowait()()
+        except BaseException as exc:  # surfaced by close()
+            self.failure = exc
+
+    def _accept(self):
+        for _ in range(256):
+            try:
+                client, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            client.setblocking(False)
+            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if self.server_rcvbuf:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.server_rcvbuf)
+            if self.connecting:
+                server.setblocking(False)
+                server.connect_ex(self.target)
+            else:
+                server.connect(self.target)
+                server.setblocking(False)
+            self.loop.add_flow(client.detach(), server.detach(), self.mode, self.key,
+                               self.slot, self.connecting)
+
+    def call(self, function, timeout=10.0):
+        """Runs function(loop) in the relay thread (the loop is single-threaded)."""
+        done = queue.Queue()
+
+        def run():
+            try:
+                done.put((True, function(self.loop)))
+            except BaseException as exc:
+                done.put((False, exc))
+        self.calls.put(run)
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def counter(self, name, slot=None):
+        return self.words[(self.slot if slot is None else slot) * N + INDEX[name]]
+
+    def connect(self, timeout=10.0):
+        sock = socket.create_connection(self.address, timeout=timeout)
+        return sock
+
+    def close(self):
+        self.stop_event.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.loop.shutdown(True)
+        self.loop.close()
+        self.listener.close()
+        self.words.release()
+        if self.failure is not None:
+            raise self.failure
+
+
+@pytest.fixture
+def env():
+    """Builds backends and proxies and tears them down (and checks them) after the test."""
+    made = []
+
+    class Env:
+        def backend(self, make_peer):
+            made.append(Backend(make_peer))
+            return made[-1]
+
+        def proxy(self, target, mode, **kwargs):
+            made.append(Proxy(target, mode, **kwargs))
+            return made[-1]
+
+    yield Env()
+    for thing in reversed(made):
+        thing.close()
+
+
+def check_counters(proxy, flows, closed=None, reset=0, connect_failed=0):
+    assert wait_until(lambda: proxy.loop.active_flows == 0)
+    assert proxy.counter("flows_started") == flows
+    assert proxy.counter("flows_active") == 0
+    assert proxy.counter("flows_closed") == (flows - reset - connect_failed
+                                             if closed is None else closed)
+    assert proxy.counter("flows_reset") == reset
+    assert proxy.counter("connect_failed") == connect_failed
+
+
+# -- the xor kernel ----------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), key=st.integers(0, 255), skip=st.integers(0, 9))
+def test_xor_inplace_matches_bytewise_reference(data, key, skip):
+    buf = bytearray(b"\xee" * skip + data)  # skip: every alignment of the 8-byte words
+    _relay.xor_inplace(memoryview(buf)[skip:], key)
+    assert buf[:skip] == b"\xee" * skip
+    assert bytes(buf[skip:]) == bytes(b ^ key for b in data)
+
+
+def test_xor_inplace_uses_the_low_key_byte_and_wants_a_writable_buffer():
+    buf = bytearray(range(256)) * 300
+    _relay.xor_inplace(buf, 0x1A5)
+    assert bytes(buf) == bytes(b ^ 0xA5 for b in bytes(range(256)) * 300)
+    _relay.xor_inplace(bytearray(), 7)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        _relay.xor_inplace(b"read-only", 1)
+
+
+# -- construction ------------------------------------------------------------------------------
+def test_counter_names_and_modes():
+    assert _relay.MODE_SPLICE == 0 and _relay.MODE_XOR == 1
+    assert _relay.FUNCTION_COUNTERS[:8] == (
+        "flows_started", "flows_active", "flows_closed", "flows_reset", "connect_failed",
+        "bytes_up", "bytes_down", "splice_fallbacks")
+    assert len(set(_relay.FUNCTION_COUNTERS)) == N
+
+
+def test_constructor_checks_the_counters_buffer():
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        with pytest.raises(ValueError):
+            _relay.RelayLoop(listener.fileno(), bytearray(3 * N * 8 - 8), 3)
+        with pytest.raises((TypeError, BufferError)):
+            _relay.RelayLoop(listener.fileno(), bytes(3 * N * 8), 3)
+        words = memoryview(bytearray(3 * N * 8)).cast("Q")
+        loop = _relay.RelayLoop(listener.fileno(), words, 3, max_flows=8)
+        assert loop.active_flows == 0
+        assert loop.poll(0) is False
+        loop.close()
+        loop.close()  # idempotent
+        with pytest.raises(ValueError):
+            loop.poll(0)
+        words.release()  # close() gave the buffer back
+
+
+def test_bad_slot_raises_and_closes_both_descriptors():
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        words = bytearray(N * 8)
+        loop = _relay.RelayLoop(listener.fileno(), words, 1, max_flows=8)
+        before = open_fds()
+        a, b = socket.socketpair()
+        with pytest.raises(ValueError):
+            loop.add_flow(a.detach(), b.detach(), _relay.MODE_SPLICE, 0, 1, False)
+        c, d = socket.socketpair()
+        with pytest.raises(ValueError):
+            loop.add_flow(c.detach(), d.detach(), 7, 0, 0, False)
+        assert open_fds() == before
+        loop.close()
+
+
+# -- transfers ---------------------------------------------------------------------------------
+SIZES = [0, 1, 1000, 65535, MIB]
+
+
+def transfer_both_ways(env, mode, size, **proxy_kwargs):
+    """Client and server each send `size` random bytes at the same time, then FIN."""
+    up, down = os.urandom(size), os.urandom(size)
+    backend = env.backend(lambda sock: Peer(sock, down))
+    proxy = env.proxy(backend.address, mode, **proxy_kwargs)
+    client = Peer(proxy.connect(), up)
+    run_peers([client], timeout=120)
+    (server,) = backend.wait_peers(1)
+    assert client.error is None and server.error is None
+    assert (server.received, client.received) == (size, size)
+    assert server.digest == sha(transformed(up, mode))
+    assert client.digest == sha(transformed(down, mode))
+    check_counters(proxy, 1)
+    assert proxy.counter("bytes_up") == size
+    assert proxy.counter("bytes_down") == size
+    return proxy
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("mode", MODES)
+def test_both_directions_arrive_intact(env, mode, size):
+    proxy = transfer_both_ways(env, mode, size)
+    assert proxy.counter("splice_fallbacks") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_64_mib_both_directions(env, mode):
+    transfer_both_ways(env, mode, 64 * MIB)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_buffers_and_pipes_keep_the_stream_intact(env, mode):
+    # 64-byte buffers / one-page pipes: many partial reads and writes per chunk.
+    transfer_both_ways(env, mode, 300_000, buffer_size=64, pipe_size=4096)
+
+
+def test_xor_key_uses_the_low_byte_and_zero_is_identity(env):
+    for key, expected_up in ((0, b"ping"), (0x120, bytes(b ^ 0x20 for b in b"ping"))):
+        backend = env.backend(lambda sock: Peer(sock, b"pong"))
+        proxy = env.proxy(backend.address, _relay.MODE_XOR, key=key)
+        client = Peer(proxy.connect(), b"ping")
+        run_peers([client])
+        (server,) = backend.wait_peers(1)
+        assert server.digest == sha(expected_up)
+        assert client.digest == sha(bytes(b ^ (key & 0xFF) for b in b"pong"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_server_socket_already_connected(env, mode):
+    transfer_both_ways(env, mode, 100_000, connecting=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chaos_writer_with_random_partial_lengths(env, mode):
+    """Random chunk sizes and pauses from both ends (HAProxy's 'random forwarding' idea)."""
+    rng = random.Random(1234)
+    up, down = os.urandom(200_000), os.urandom(200_000)
+    received = {}
+
+    def serve(sock):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        got = bytearray()
+
+        def reader():
+            while chunk := sock.recv(rng.randint(1, 5000)):
+                got.extend(chunk)
+        thread = threading.Thread(target=reader)
+        thread.start()
+        chaos_send(sock, down, random_state=7)
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(30)
+        received["server"] = bytes(got)
+        sock.close()
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        proxy = env.proxy(listener.getsockname(), mode)
+        client = proxy.connect()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock, _ = listener.accept()
+        sock.settimeout(30)
+        server_thread = threading.Thread(target=serve, args=(sock,))
+        server_thread.start()
+        got = bytearray()
+
+        def reader():
+            while chunk := client.recv(rng.randint(1, 7000)):
+                got.extend(chunk)
+        read_thread = threading.Thread(target=reader)
+        read_thread.start()
+        chaos_send(client, up, random_state=8)
+        client.shutdown(socket.SHUT_WR)
+        read_thread.join(30)
+        server_thread.join(30)
+        client.close()
+    assert received["server"] == transformed(up, mode)
+    assert bytes(got) == transformed(down, mode)
+    check_counters(proxy, 1)
+
+
+def chaos_send(sock, data, random_state):
+    rng = random.Random(random_state)
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        n = rng.choice((1, 2, 7, 100, 1500, 4096, 65536))
+        sock.sendall(view[offset:offset + n])
+        offset += n
+        if rng.random() < 0.02:
+            time.sleep(0.001)
+
+
+# -- half-close --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_half_close_client_still_receives_the_whole_reply(env, mode):
+    request, reply = os.urandom(5000), os.urandom(3 * MIB)
+    backend = env.backend(lambda sock: Peer(sock, reply, send_after_eof=True))
+    proxy = env.proxy(backend.address, mode)
+    sock = proxy.connect()
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    client = Peer(sock)  # sends nothing more, reads until EOF
+    client.shut = True
+    run_peers([client])
+    (server,) = backend.wait_peers(1)
+    assert server.digest == sha(transformed(request, mode))
+    assert client.received == len(reply)
+    assert client.digest == sha(transformed(reply, mode))
+    check_counters(proxy, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_half_close_by_the_server_keeps_the_upstream_flowing(env, mode):
+    """The server FINs first (nothing to say); the client keeps sending for a while."""
+    backend = env.backend(lambda sock: Peer(sock, b"hello"))
+    proxy = env.proxy(backend.address, mode)
+    sock = proxy.connect()
+    assert sock.recv(100) == transformed(b"hello", mode)
+    assert sock.recv(100) == b""  # the FIN came through
+    upload = os.urandom(2 * MIB)
+    sock.sendall(upload)
+    sock.shutdown(socket.SHUT_WR)
+    (server,) = backend.wait_peers(1)
+    assert server.digest == sha(transformed(upload, mode))
+    sock.close()
+    check_counters(proxy, 1)
+
+
+# -- resets ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_server_rst_reaches_the_client_as_reset(env, mode):
+    backend = env.backend(lambda sock: Peer(sock, hold=True, rst_after=4))
+    proxy = env.proxy(backend.address, mode)
+    with proxy.connect(timeout=5) as sock:
+        sock.sendall(b"ping")
+        with pytest.raises(ConnectionResetError):
+            sock.recv(100)
+    check_counters(proxy, 1, reset=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_server_rst_after_data_still_resets(env, mode):
+    """Bytes the server sent before its RST may be lost, but the end must be an RST."""
+    def make(sock):
+        return Peer(sock, os.urandom(200_000), hold=True, rst_after=1)
+    backend = env.backend(make)
+    proxy = env.proxy(backend.address, mode)
+    with proxy.connect(timeout=5) as sock:
+        sock.sendall(b"x")
+        with pytest.raises(ConnectionResetError):
+            for _ in range(10_000):
+                if not sock.recv(65536):
+                    break
+    check_counters(proxy, 1, reset=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_client_rst_reaches_the_server_as_reset(env, mode):
+    backend = env.backend(lambda sock: Peer(sock, hold=True))
+    proxy = env.proxy(backend.address, mode)
+    sock = proxy.connect()
+    sock.sendall(b"hello")
+    (server,) = backend.wait_peers(1, done=lambda peer: peer.received == 5)
+    reset_close(sock)
+    assert wait_until(lambda: server.error is not None), "the server saw no error"
+    assert server.error == errno.ECONNRESET
+    assert not server.eof
+    check_counters(proxy, 1, reset=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_client_rst_after_its_fin_still_resets_the_server(env, mode):
+    """The upstream is finished (FIN forwarded) and the server is silent: the RST only shows
+    up as EPOLLERR, which must still become an RST towards the server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(5)
+        proxy = env.proxy(listener.getsockname(), mode)
+        client = proxy.connect()
+        client.sendall(b"bye")
+        client.shutdown(socket.SHUT_WR)
+        server, _ = listener.accept()
+    with server:
+        server.settimeout(5)
+        assert server.recv(100) == transformed(b"bye", mode)
+        assert server.recv(100) == b""
+        time.sleep(0.05)
+        assert proxy.loop.active_flows == 1
+        reset_close(client)
+        # The server had seen the FIN (CLOSE_WAIT): the kernel reports that RST as EPIPE.
+        assert wait_until(lambda: server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                          in (errno.ECONNRESET, errno.EPIPE)), "the server never got an RST"
+    check_counters(proxy, 1, reset=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_connect_failure_resets_the_client_promptly(env, mode):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        proxy = env.proxy(closed_port.getsockname(), mode)
+        start = time.monotonic()
+        expect_reset(proxy)
+        assert time.monotonic() - start < 2.0
+        check_counters(proxy, 1, closed=0, connect_failed=1)
+
+
+def test_client_gives_up_while_connecting(env):
+    """The onward connect hangs (full backlog); the client resets: the flow must go away."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        fillers = []
+        for _ in range(4):  # fill the accept queue so later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(stuck.getsockname())
+            fillers.append(filler)
+        time.sleep(0.1)
+        proxy = env.proxy(stuck.getsockname(), _relay.MODE_SPLICE)
+        sock = proxy.connect()
+        assert wait_until(lambda: proxy.loop.active_flows == 1)
+        time.sleep(0.1)
+        assert proxy.counter("flows_active") == 1, "the connect did not hang"
+        reset_close(sock)
+        check_counters(proxy, 1, reset=1)
+        for filler in fillers:
+            filler.close()
+
+
+def test_shutdown_resets_or_closes_open_flows(env):
+    backend = env.backend(lambda sock: Peer(sock, hold=True))
+    for reset in (True, False):
+        proxy = env.proxy(backend.address, _relay.MODE_XOR)
+        socks = [proxy.connect() for _ in range(3)]
+        for sock in socks:
+            sock.sendall(b"x")
+        assert wait_until(lambda: proxy.counter("bytes_up") == 3)
+        proxy.call(lambda loop: loop.shutdown(reset))
+        assert proxy.loop.active_flows == 0
+        for sock in socks:
+            sock.settimeout(5)
+            if reset:
+                with pytest.raises(ConnectionResetError):
+                    sock.recv(10)
+            else:
+                assert sock.recv(10) == b""
+            sock.close()
+        check_counters(proxy, 3, closed=0 if reset else 3, reset=3 if reset else 0)
+
+
+# -- splice fallback and table limits ----------------------------------------------------------
+def test_splice_fallback_uses_the_buffer_path(env):
+    proxy = transfer_both_ways(env, _relay.MODE_SPLICE, MIB, fail_pipes=True)
+    assert proxy.counter("splice_fallbacks") == 1
+
+
+def test_full_table_resets_the_client_and_counts_it(env):
+    backend = env.backend(lambda sock: Peer(sock))  # FINs at once, closes after the client
+    proxy = env.proxy(backend.address, _relay.MODE_SPLICE, max_flows=2)
+    kept = [proxy.connect() for _ in range(2)]
+    assert wait_until(lambda: proxy.loop.active_flows == 2)
+    expect_reset(proxy)
+    assert proxy.counter("flows_rejected") == 1
+    assert proxy.counter("flows_started") == 2
+    for sock in kept:
+        sock.close()
+    backend.wait_peers(2)
+    check_counters(proxy, 2)
+
+
+def test_counters_go_to_the_flow_slot(env):
+    backend = env.backend(lambda sock: Peer(sock, b"abc"))
+    proxy = env.proxy(backend.address, _relay.MODE_XOR, slot=1, nslots=2)
+    client = Peer(proxy.connect(), b"hello")
+    run_peers([client])
+    assert wait_until(lambda: proxy.loop.active_flows == 0)
+    assert [proxy.counter(name, 0) for name in _relay.FUNCTION_COUNTERS] == [0] * N
+    got = {name: proxy.counter(name, 1) for name in _relay.FUNCTION_COUNTERS}
+    assert got == dict(dict.fromkeys(_relay.FUNCTION_COUNTERS, 0), flows_started=1,
+                       flows_closed=1, bytes_up=5, bytes_down=3)
+
+
+# -- scale, descriptors, memory ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_a_thousand_concurrent_flows(env, mode):
+    flows = 1000
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, mode)
+    payloads = [os.urandom(8192 + i) for i in range(flows)]
+    socks = [proxy.connect() for _ in range(flows)]
+    assert wait_until(lambda: proxy.loop.active_flows == flows, 30)
+    clients = [Peer(sock, payload) for sock, payload in zip(socks, payloads)]
+    run_peers(clients, timeout=120)
+    servers = backend.wait_peers(flows, timeout=60)
+    # Echo: the client gets its own bytes transformed twice (xor twice = identity).
+    for client, payload in zip(clients, payloads):
+        assert client.error is None
+        assert client.digest == sha(payload)
+    assert sorted(s.digest for s in servers) == sorted(sha(transformed(p, mode))
+                                                        for p in payloads)
+    check_counters(proxy, flows)
+    assert proxy.counter("bytes_up") == proxy.counter("bytes_down") == sum(map(len, payloads))
+
+
+def test_no_descriptor_leak():
+    before = open_fds()
+    backend = Backend(lambda sock: Peer(sock, os.urandom(20_000)))
+    closed_port = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed_port.bind(("127.0.0.1", 0))
+    try:
+        for mode in (_relay.MODE_SPLICE, _relay.MODE_XOR):
+            proxy = Proxy(backend.address, mode)
+            refusing = Proxy(closed_port.getsockname(), mode)
+            try:
+                clients = [Peer(proxy.connect(), os.urandom(30_000)) for _ in range(50)]
+                run_peers(clients)
+                with proxy.connect() as sock:  # the client resets in the middle
+                    sock.sendall(b"x")
+                    reset_close(sock)
+                for _ in range(10):
+                    expect_reset(refusing)
+                left_open = [proxy.connect() for _ in range(5)]  # proxy.close() resets them
+                assert wait_until(lambda: proxy.loop.active_flows >= 5)
+            finally:
+                proxy.close()
+                refusing.close()
+            for sock in left_open:
+                sock.close()
+        assert wait_until(lambda: all(peer.closed or peer.error for peer in backend.peers))
+    finally:
+        backend.close()
+        closed_port.close()
+    assert wait_until(lambda: open_fds() == before, 5), f"{open_fds() - before} fds leaked"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_slow_reader_keeps_memory_bounded(env, mode):
+    total = 50 * MIB
+    payload = os.urandom(total)
+    backend = env.backend(lambda sock: Peer(sock, payload))
+    # A fixed receive buffer on the proxy's upstream socket: without it, kernel autotuning
+    # (tcp_rmem max is 32 MiB here) would absorb most of the 50 MB and hide what we measure.
+    proxy = env.proxy(backend.address, mode, server_rcvbuf=256 * 1024)
+    sock = proxy.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    sock.shutdown(socket.SHUT_WR)
+    assert wait_until(lambda: backend.peers)
+    (server,) = backend.peers
+    base_rss = rss_bytes()
+
+    def settled():
+        before = server.sent
+        time.sleep(0.3)
+        return server.sent == before and server.sent > 0
+    assert wait_until(settled, 20), "the server never blocked"
+    stalled_at = server.sent
+    relayed = proxy.counter("bytes_down")
+    grown = rss_bytes() - base_rss
+    # Kernel socket buffers hold what is in flight; the proxy holds at most one buffer/pipe.
+    # Kernel buffers (server send, proxy receive/send, client receive) + one buffer or pipe.
+    assert stalled_at < 16 * MIB, f"the server pushed {stalled_at} bytes into a stalled path"
+    assert grown < 4 * MIB, f"RSS grew by {grown} bytes while the reader stalled"
+    polls = proxy.polls
+    time.sleep(0.5)
+    assert proxy.counter("bytes_down") == relayed  # nothing moves...
+    assert proxy.polls - polls < 40, "...yet the loop spins"  # poll(50): ~10 in 0.5 s
+    client = Peer(sock)
+    client.shut = True
+    run_peers([client], timeout=60)
+    assert client.received == total
+    assert client.digest == sha(transformed(payload, mode))
+    check_counters(proxy, 1)
+
+
+# -- pipe pool and odd inputs ------------------------------------------------------------------
+def test_pipes_of_reset_flows_are_not_reused(env):
+    """A flow reset while bytes sit in its pipe must not hand that pipe to the next flow."""
+    def make(sock):
+        if not hasattr(make, "first"):
+            make.first = True
+            return Peer(sock, os.urandom(4 * MIB), hold=True)  # fills the pipe, never FINs
+        return Peer(sock, b"clean reply")
+    backend = env.backend(make)
+    proxy = env.proxy(backend.address, _relay.MODE_SPLICE)
+    stalled = proxy.connect()  # never reads: the down pipe fills up
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert wait_until(lambda: backend.peers and backend.peers[0].sent > 2 * MIB)
+    time.sleep(0.2)
+    reset_close(stalled)
+    assert wait_until(lambda: proxy.counter("flows_reset") == 1)
+    for _ in range(20):  # the pool hands out pipes from here on
+        client = Peer(proxy.connect(), b"hi")
+        run_peers([client])
+        assert client.digest == sha(b"clean reply")
+    check_counters(proxy, 21, reset=1)
+
+
+def test_sequential_flows_reuse_pipes_without_growing_descriptors(env):
+    backend = env.backend(lambda sock: Peer(sock, b"x" * 5000))
+    proxy = env.proxy(backend.address, _relay.MODE_SPLICE)
+    counts = []
+    for i in range(200):
+        client = Peer(proxy.connect(), b"y" * 3000)
+        run_peers([client])
+        assert client.received == 5000
+        if i % 50 == 49:
+            backend.wait_peers(i + 1)
+            assert wait_until(lambda: proxy.loop.active_flows == 0)
+            counts.append(open_fds())
+    assert max(counts) - min(counts) <= 2, counts
+    check_counters(proxy, 200)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fin", [False, True], ids=["open", "fin"])
+def test_urgent_data_neither_stalls_nor_truncates_the_flow(env, mode, fin):
+    """recv() stops at TCP urgent data and splice() cannot pass it at all (it reports EAGAIN,
+    or EOF when a FIN is queued). The relay must move past it; the out-of-band byte is
+    dropped, as a plain recv() reader would."""
+    backend = env.backend(lambda sock: Peer(sock, b"ok", hold=True))
+    proxy = env.proxy(backend.address, mode)
+    sock = proxy.connect()
+    sock.sendall(b"a" * 1000)
+    sock.send(b"!", socket.MSG_OOB)
+    sock.sendall(b"b" * 1000)
+    if fin:
+        sock.shutdown(socket.SHUT_WR)
+    (server,) = backend.wait_peers(1, done=lambda peer: peer.received >= 2000)
+    assert server.digest == sha(transformed(b"a" * 1000 + b"b" * 1000, mode))
+    if fin:
+        assert wait_until(lambda: server.eof)
+    else:
+        assert not server.eof
+    sock.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(mode=st.sampled_from([_relay.MODE_SPLICE, _relay.MODE_XOR]),
+       up=st.integers(0, 300_000), down=st.integers(0, 300_000),
+       buffer_size=st.sampled_from([64, 1000, 4096, 65536]),
+       pipe_size=st.sampled_from([4096, 65536, 1 << 20]),
+       server_waits=st.booleans())
+def test_random_sizes_buffers_and_close_orders(mode, up, down, buffer_size, pipe_size,
+                                               server_waits):
+    """Property: whatever the sizes, buffer/pipe sizes and who FINs first, both streams
+    arrive intact and the flow closes cleanly."""
+    up_data, down_data = os.urandom(up), os.urandom(down)
+    backend = Backend(lambda sock: Peer(sock, down_data, send_after_eof=server_waits))
+    proxy = Proxy(backend.address, mode, buffer_size=buffer_size, pipe_size=pipe_size)
+    try:
+        client = Peer(proxy.connect(), up_data)
+        run_peers([client], timeout=60)
+        (server,) = backend.wait_peers(1)
+        assert server.digest == sha(transformed(up_data, mode))
+        assert client.digest == sha(transformed(down_data, mode))
+        check_counters(proxy, 1)
+    finally:
+        proxy.close()
+        backend.close()
