@@ -1,0 +1,498 @@
+"""Kernel setup for one pipesd instance: interception rules, routing, sysctls.
+
+Applies the recipe of DESIGN.md section 3 (explained rule by rule in ``kernel/README.md``)
+in the *current* network namespace, the one of the calling thread:
+
+* policy routing: ``ip -6 rule add fwmark F/F lookup T priority P`` and
+  ``ip -6 route add local ::/0 dev lo table T``, so marked packets are delivered locally and
+  the kernel's SRH code loops them to their final destination;
+* sysctls: ``seg6_enabled=1`` on all, default and every existing interface,
+  ``all.forwarding=1``; the previous values go into a state file so that :func:`remove`
+  restores them, also after a crash (:func:`install` reads a leftover state file first);
+* nftables: one table ``inet srv6pipes_<name>`` rendered from ``kernel/pipes.nft.in``
+  (TPROXY for SYNs, mark for the rest of the locator's TCP, mark for transparent sockets);
+* NFQUEUE for the SYN copy: nft ``queue`` when the kernel has it, else ip6tables-legacy
+  ``NFQUEUE`` (see :func:`queue_backend`).
+
+``install`` and ``remove`` are idempotent; ``remove`` never fails because something is
+already gone. ``plan`` returns the equivalent shell commands for ``pipesd --dry-run``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = Path(os.environ.get("SRV6PIPES_STATE_DIR", "/run/srv6pipes"))
+TEMPLATE_NAME = "pipes.nft.in"
+TABLE_PREFIX = "srv6pipes_"
+COMMENT_PREFIX = "srv6pipes:"
+IP6TABLES = "ip6tables-legacy"
+# The legacy xtables lock is one file for every namespace of the machine: wait for it
+# instead of failing when another instance (or test) holds it.
+IP6TABLES_WAIT = ["-w", "10"]
+SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux >= 5.14
+NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+SYSCTL_ROOT = Path("/proc/sys/net/ipv6/conf")
+# Keys of the per-interface settings we change (conf/<if>/<key>).
+SEG6 = "seg6_enabled"
+FORWARDING = "forwarding"
+
+
+class KernelSetupError(RuntimeError):
+    """A kernel configuration step failed; the message names the step and the kernel's words."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """What one pipesd instance intercepts and where it delivers it.
+
+    ``name`` names the nft table (``srv6pipes_<name>``), the ip6tables comment
+    (``srv6pipes:<name>``) and the state file; two instances in one namespace need different
+    names, fwmarks, tables and rule priorities.
+    """
+
+    name: str
+    locator: ipaddress.IPv6Network
+    port: int
+    queue_num: int = 0
+    fwmark: int = 1
+    table: int = 100
+    rule_priority: int = 100
+
+    def __post_init__(self):
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"instance name {self.name!r}: use 1-32 characters [A-Za-z0-9_]")
+        locator = ipaddress.IPv6Network(self.locator)
+        object.__setattr__(self, "locator", locator)
+        for field, low, high in (
+            ("port", 1, 65535),
+            ("queue_num", 0, 65535),
+            ("fwmark", 1, 0xFFFFFFFF),
+            ("table", 1, 0xFFFFFFFF),
+            ("rule_priority", 1, 32765),
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{field}={value!r}: must be an integer in [{low}, {high}]")
+        if self.table in (253, 254, 255):
+            raise ValueError(f"table={self.table}: 253-255 are the kernel's default/main/local")
+
+    @property
+    def nft_table(self) -> str:
+        return TABLE_PREFIX + self.name
+
+    @property
+    def comment(self) -> str:
+        return COMMENT_PREFIX + self.name
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["locator"] = str(self.locator)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KernelConfig":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _run(argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as exc:
+        raise KernelSetupError(f"{argv[0]} is not installed: {exc}") from exc
+    if check and proc.returncode != 0:
+        raise KernelSetupError(
+            f"`{shlex.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return proc
+
+
+def template_path() -> Path:
+    """Where ``pipes.nft.in`` is: $SRV6PIPES_KERNEL_DIR, else the source tree's ``kernel/``."""
+    candidates = []
+    if os.environ.get("SRV6PIPES_KERNEL_DIR"):
+        candidates.append(Path(os.environ["SRV6PIPES_KERNEL_DIR"]) / TEMPLATE_NAME)
+    candidates.append(Path(__file__).resolve().parent.parent / "kernel" / TEMPLATE_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise KernelSetupError(f"nftables template {TEMPLATE_NAME} not found in {[str(c) for c in candidates]}")
+
+
+_QUEUE_BLOCK = re.compile(r"^#@BEGIN_NFT_QUEUE@\n(.*?)^#@END_NFT_QUEUE@\n", re.S | re.M)
+
+
+def render_ruleset(cfg: KernelConfig, backend: str) -> str:
+    """The nft script for ``cfg``: the template with its placeholders filled in.
+
+    The NFT_QUEUE block is kept only when ``backend == 'nft'``.
+    """
+    text = template_path().read_text()
+    keep = backend == "nft"
+    text = _QUEUE_BLOCK.sub(lambda m: m.group(1) if keep else "", text)
+    values = {
+        "NAME": cfg.name,
+        "LOCATOR": str(cfg.locator),
+        "PORT": str(cfg.port),
+        "MARK": hex(cfg.fwmark),
+        "QUEUE_NUM": str(cfg.queue_num),
+    }
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    leftover = re.findall(r"@[A-Z_]+@", text)
+    if leftover:
+        raise KernelSetupError(f"unknown placeholders in {TEMPLATE_NAME}: {sorted(set(leftover))}")
+    return text
+
+
+def _ip6tables_rule(cfg: KernelConfig) -> list[str]:
+    """The NFQUEUE rule spec after ``-A``/``-D`` (chain included)."""
+    return [
+        "PREROUTING", "-d", str(cfg.locator), "-p", "tcp", "--syn",
+        "-m", "comment", "--comment", cfg.comment,
+        "-j", "NFQUEUE", "--queue-num", str(cfg.queue_num), "--queue-bypass",
+    ]
+
+
+def _ip6tables_argv(action: str, spec: list[str]) -> list[str]:
+    return [IP6TABLES, *IP6TABLES_WAIT, "-t", "mangle", action, *spec]
+
+
+_PROBE_RULESET = """\
+table inet srv6pipes_probe {
+    chain probe {
+        type filter hook prerouting priority mangle - 1; policy accept;
+        meta l4proto tcp queue num 0 bypass
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_nft_queue(netns_cookie: int) -> str:
+    if shutil.which("nft") is None:
+        return IP6TABLES
+    # `nft -c` sends the batch to the kernel and aborts it: the kernel validates the
+    # expressions (ENOENT for `queue` without NFT_QUEUE) and nothing is committed.
+    proc = _run(["nft", "-c", "-f", "-"], input=_PROBE_RULESET, check=False)
+    if proc.returncode == 0:
+        return "nft"
+    log.debug("nft queue probe failed: %s", proc.stderr.strip())
+    return IP6TABLES
+
+
+def queue_backend() -> str:
+    """``'nft'`` when this kernel runs nft's ``queue`` statement, else ``'ip6tables-legacy'``.
+
+    Probed once per network namespace with a throwaway table checked by ``nft -c`` (nothing is
+    committed). Linux 6.18 here lacks NFT_QUEUE, so the answer is ip6tables-legacy.
+    """
+    return _probe_nft_queue(netns_cookie())
+
+
+def netns_cookie() -> int:
+    """The current thread's network namespace cookie: unique per namespace, never reused."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def netns_inode() -> int:
+    """The inode of the calling thread's network namespace (may be reused once it is gone)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def state_path(cfg: KernelConfig) -> Path:
+    return STATE_DIR / f"{netns_inode()}-{cfg.name}.json"
+
+
+# ---------------------------------------------------------------------------- sysctls
+
+
+def _interfaces() -> list[str]:
+    return sorted(p.name for p in SYSCTL_ROOT.iterdir() if p.name not in ("all", "default"))
+
+
+def _sysctl_wanted() -> list[tuple[str, str]]:
+    """(path relative to net/ipv6/conf, value) in the order they are written."""
+    wanted = [(f"all/{SEG6}", "1"), (f"default/{SEG6}", "1")]
+    wanted += [(f"{iface}/{SEG6}", "1") for iface in _interfaces()]
+    # Writing all/forwarding also rewrites default/ and every interface's forwarding: remember
+    # those too, so that remove() can put back a per-interface value that differed.
+    wanted.append((f"all/{FORWARDING}", "1"))
+    return wanted
+
+
+def _sysctl_read(key: str) -> str | None:
+    try:
+        return (SYSCTL_ROOT / key).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _sysctl_write(key: str, value: str) -> bool:
+    try:
+        (SYSCTL_ROOT / key).write_text(value + "\n")
+        return True
+    except FileNotFoundError:  # the interface is gone
+        return False
+
+
+def _sysctl_display(key: str, value: str) -> str:
+    iface, leaf = key.split("/")
+    if "." in iface:  # sysctl(8) reads dots as separators: use the slash form
+        return f"sysctl -w net/ipv6/conf/{iface}/{leaf}={value}"
+    return f"sysctl -w net.ipv6.conf.{iface}.{leaf}={value}"
+
+
+def _forwarding_keys() -> list[str]:
+    return [f"all/{FORWARDING}", f"default/{FORWARDING}"] + [
+        f"{iface}/{FORWARDING}" for iface in _interfaces()
+    ]
+
+
+def _restore_sysctls(saved: dict[str, list[str]]) -> None:
+    """Put back {key: [old, ours]} where the value is still ours (someone else's change wins).
+
+    Keys are restored in their saved order: all/ before default/ before interfaces, because
+    writing all/forwarding rewrites the other two.
+    """
+    forwarding_reset = False
+    for key, (old, ours) in saved.items():
+        current = _sysctl_read(key)
+        if current is None or current == old:
+            continue
+        if key == f"all/{FORWARDING}":
+            forwarding_reset = True
+        elif forwarding_reset and key.endswith(f"/{FORWARDING}"):
+            # Restoring all/forwarding just overwrote this one: put the old value back.
+            _sysctl_write(key, old)
+            continue
+        if current != ours:
+            log.info("sysctl %s is %s, not the %s we set: leaving it", key, current, ours)
+            continue
+        _sysctl_write(key, old)
+
+
+# ---------------------------------------------------------------------------- state file
+
+
+def _load_state(cfg: KernelConfig) -> dict | None:
+    path = state_path(cfg)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable state file %s: %s", path, exc)
+        return None
+    if state.get("netns_cookie") != netns_cookie():
+        # Same inode, other namespace: the one that wrote it is gone, so are its changes.
+        log.info("state file %s belongs to a namespace that no longer exists: dropping it", path)
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def _save_state(cfg: KernelConfig, state: dict) -> None:
+    path = state_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def _ipr():
+    from pyroute2 import IPRoute  # imported lazily: plan() works without pyroute2
+
+    return IPRoute()
+
+
+def _netlink_code(exc: Exception) -> int | None:
+    return getattr(exc, "code", None)
+
+
+def _rule_kwargs(cfg: KernelConfig) -> dict:
+    return dict(
+        family=socket.AF_INET6, fwmark=cfg.fwmark, fwmask=cfg.fwmark,
+        table=cfg.table, priority=cfg.rule_priority,
+    )
+
+
+def _route_kwargs(cfg: KernelConfig, lo_index: int) -> dict:
+    return dict(family=socket.AF_INET6, dst="::/0", type="local", table=cfg.table, oif=lo_index)
+
+
+def _install_routing(cfg: KernelConfig) -> None:
+    with _ipr() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        if not ipr.get_links(lo)[0]["flags"] & 1:  # IFF_UP: a `local` route needs lo up
+            log.info("bringing lo up (the local route of table %d needs it)", cfg.table)
+            ipr.link("set", index=lo, state="up")
+        ipr.route("add", **_route_kwargs(cfg, lo))
+        ipr.rule("add", **_rule_kwargs(cfg))
+
+
+def _remove_routing(cfg: KernelConfig) -> None:
+    gone = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+    with _ipr() as ipr:
+        for _ in range(100):  # duplicates are possible when added without NLM_F_EXCL
+            try:
+                ipr.rule("del", **_rule_kwargs(cfg))
+            except Exception as exc:  # NetlinkError
+                if _netlink_code(exc) in gone:
+                    break
+                raise KernelSetupError(f"deleting ip rule fwmark {cfg.fwmark:#x}: {exc}") from exc
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for _ in range(100):
+            try:
+                ipr.route("del", **_route_kwargs(cfg, lo))
+            except Exception as exc:
+                if _netlink_code(exc) in gone:
+                    break
+                raise KernelSetupError(f"deleting local route of table {cfg.table}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- netfilter
+
+
+def _remove_nft(cfg: KernelConfig) -> None:
+    if shutil.which("nft") is None:
+        return
+    proc = _run(["nft", "delete", "table", "inet", cfg.nft_table], check=False)
+    if proc.returncode != 0 and "No such file or directory" not in proc.stderr:
+        raise KernelSetupError(f"nft delete table inet {cfg.nft_table}: {proc.stderr.strip()}")
+
+
+def _remove_ip6tables(cfg: KernelConfig) -> None:
+    """Delete every mangle rule carrying our comment, whatever its other options."""
+    if shutil.which(IP6TABLES) is None:
+        return
+    for _ in range(1000):
+        proc = _run([IP6TABLES, *IP6TABLES_WAIT, "-t", "mangle", "-S"], check=False)
+        if proc.returncode != 0:
+            # No ip6_tables module or table: then there is no rule of ours either.
+            log.debug("%s -S: %s", IP6TABLES, proc.stderr.strip())
+            return
+        ours = [
+            shlex.split(line)
+            for line in proc.stdout.splitlines()
+            if line.startswith("-A ") and cfg.comment in shlex.split(line)
+        ]
+        if not ours:
+            return
+        for words in ours:
+            _run(_ip6tables_argv("-D", words[1:]), check=False)
+    raise KernelSetupError(f"could not delete the {IP6TABLES} rules commented {cfg.comment}")
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def plan(cfg: KernelConfig, backend: str | None = None) -> list[str]:
+    """The shell commands equivalent to ``install(cfg)``, in the order install runs them.
+
+    Human readable and exact (``pipesd --dry-run``). Reads the interface list and probes the
+    queue backend of the current namespace, changes nothing.
+    """
+    backend = backend or queue_backend()
+    lines = [_sysctl_display(key, value) for key, value in _sysctl_wanted()]
+    lines.append(f"ip -6 route add local ::/0 dev lo table {cfg.table} proto static")
+    lines.append(
+        f"ip -6 rule add fwmark {cfg.fwmark:#x}/{cfg.fwmark:#x} lookup {cfg.table} "
+        f"priority {cfg.rule_priority}"
+    )
+    if backend == IP6TABLES:
+        lines.append(shlex.join(_ip6tables_argv("-A", _ip6tables_rule(cfg))))
+    lines.append("nft -f - <<'EOF'\n" + render_ruleset(cfg, backend) + "EOF")
+    return lines
+
+
+def install(cfg: KernelConfig) -> None:
+    """Install the recipe for ``cfg`` in the calling thread's network namespace.
+
+    First removes any leftover of an instance with the same name (a crash, or a previous
+    install), restoring the sysctls it recorded; so installing twice is installing once.
+    Order: sysctls, routing, NFQUEUE, then nft (interception last, once the SYN copy is in
+    place). On failure, what was installed is removed again and the error re-raised.
+    """
+    backend = queue_backend()
+    remove(cfg)
+    log.info(
+        "installing kernel recipe %s: locator %s -> port %d, fwmark %#x, table %d, NFQUEUE %d via %s",
+        cfg.name, cfg.locator, cfg.port, cfg.fwmark, cfg.table, cfg.queue_num, backend,
+    )
+    saved: dict[str, list[str]] = {}
+    state = {"netns_cookie": netns_cookie(), "config": cfg.to_json(), "backend": backend, "sysctls": saved}
+    # Record before writing: a crash between the two must still be recoverable.
+    wanted = _sysctl_wanted()
+    for key, value in wanted:
+        old = _sysctl_read(key)
+        if old is not None:
+            saved[key] = [old, value]
+    for key in _forwarding_keys():  # all/forwarding rewrites these: remember their values
+        old = _sysctl_read(key)
+        if key not in saved and old is not None:
+            saved[key] = [old, "1"]
+    _save_state(cfg, state)
+    try:
+        for key, value in wanted:
+            _sysctl_write(key, value)
+        _install_routing(cfg)
+        if backend == IP6TABLES:
+            _run(_ip6tables_argv("-A", _ip6tables_rule(cfg)))
+        _run(["nft", "-f", "-"], input=render_ruleset(cfg, backend))
+    except BaseException:
+        log.error("installing kernel recipe %s failed: removing what was installed", cfg.name)
+        try:
+            remove(cfg)
+        except Exception:  # keep the first error, it says what went wrong
+            log.exception("cleanup after the failed install of %s failed too", cfg.name)
+        raise
+
+
+def remove(cfg: KernelConfig) -> None:
+    """Remove everything :func:`install` set up for ``cfg.name`` and restore the sysctls.
+
+    Idempotent; never raises because something is already gone. Also removes the objects of
+    the configuration recorded in a leftover state file, if it differed (crash recovery).
+    """
+    state = _load_state(cfg)
+    configs = [cfg]
+    if state is not None:
+        try:
+            old = KernelConfig.from_json(state["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("state file of %s has no usable config: %s", cfg.name, exc)
+        else:
+            if old != cfg:
+                configs.append(old)
+    # Reverse install order: stop intercepting first.
+    for c in configs:
+        _remove_nft(c)
+    for c in configs:
+        _remove_ip6tables(c)
+    for c in configs:
+        _remove_routing(c)
+    if state is not None:
+        _restore_sysctls(state.get("sysctls", {}))
+        state_path(cfg).unlink(missing_ok=True)
+        log.info("removed kernel recipe %s, sysctls restored", cfg.name)
