@@ -9,6 +9,7 @@ import glob
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 try:
     from Cython.Build import cythonize
@@ -37,8 +38,21 @@ def cython_extensions():
     )
 
 
+class build_py_with_kernel(build_py):
+    """Ships kernel/*.in (nftables templates) inside the package as srv6pipes/kernel/,
+    so an installed pipesd finds them without the source tree."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "srv6pipes", "kernel")
+        os.makedirs(target, exist_ok=True)
+        for template in glob.glob(os.path.join(HERE, "kernel", "*.in")):
+            self.copy_file(template, os.path.join(target, os.path.basename(template)))
+
+
 setup(
     name="srv6pipes",
+    cmdclass={"build_py": build_py_with_kernel},
     version="0.1.0",
     description="In-network bytestream functions steered by IPv6 Segment Routing",
     packages=["srv6pipes"],

@@ -31,8 +31,15 @@ def pipesd_main(argv: list[str] | None = None) -> int:
 
     if config.dry_run:
         print(f"# pipesd {config.name}: kernel configuration for locator {config.locator}")
-        for line in kernelsetup.plan(kernel_config(config)):
+        kernel = kernel_config(config)
+        for line in kernelsetup.plan(kernel):
             print(line)
+        if config.return_mode != "on-path":
+            from . import returnpath
+
+            print(f"# return traffic ({config.return_mode}): marks and seg6 route tables")
+            for line in returnpath.plan(config.fwmark, kernel.rule_priority):
+                print(line)
         return 0
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s pipesd[%(process)d] %(levelname)s %(message)s")

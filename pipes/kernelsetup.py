@@ -124,11 +124,13 @@ def _run(argv: list[str], input: str | None = None, check: bool = True) -> subpr
 
 
 def template_path() -> Path:
-    """Where ``pipes.nft.in`` is: $SRV6PIPES_KERNEL_DIR, else the source tree's ``kernel/``."""
+    """Where ``pipes.nft.in`` is: $SRV6PIPES_KERNEL_DIR, else the source tree's ``kernel/``,
+    else the copy setup.py ships inside an installed package."""
     candidates = []
     if os.environ.get("SRV6PIPES_KERNEL_DIR"):
         candidates.append(Path(os.environ["SRV6PIPES_KERNEL_DIR"]) / TEMPLATE_NAME)
     candidates.append(Path(__file__).resolve().parent.parent / "kernel" / TEMPLATE_NAME)
+    candidates.append(Path(__file__).resolve().parent / "kernel" / TEMPLATE_NAME)
     for path in candidates:
         if path.is_file():
             return path

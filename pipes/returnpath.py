@@ -129,6 +129,20 @@ def base_rule(fwmark: int, rule_priority: int) -> dict:
                 fwmark=fwmark, fwmask=fwmark, table=MAIN_TABLE)
 
 
+def plan(fwmark: int, rule_priority: int) -> list[str]:
+    """Shell equivalent of install() and of what the capture adds per return path."""
+    mask = 0xFFFF0000 | fwmark
+    return [
+        "sysctl -w net.ipv4.tcp_fwmark_accept=1",
+        f"ip -6 rule add iif lo fwmark {fwmark:#x}/{fwmark:#x} lookup main priority {rule_priority - 1}",
+        "# then, the first time return path K (segments SEGS, first segment FIRST) is seen:",
+        f"#   ip -6 rule add iif lo fwmark $(((K << {MARK_SHIFT}) | {fwmark:#x}))/{mask:#x} "
+        f"lookup $(({TABLE_BASE} + K)) priority {rule_priority - 2}",
+        f"#   ip -6 route add default encap seg6 mode inline segs SEGS via GW dev DEV table $(({TABLE_BASE} + K))",
+        f"#   ip -6 route add throw FIRST/128 table $(({TABLE_BASE} + K))",
+    ]
+
+
 def install(name: str, fwmark: int, rule_priority: int,
             state_dir: Path = Path("/run/srv6pipes")) -> None:
     """Master, at start (off-path modes): base rule and tcp_fwmark_accept (saved first)."""
