@@ -10,12 +10,12 @@ same through [P1 identity, P2 identity] (splice path). It prints what each side 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tempfile
 
 from .addressplan import AddressPlan
+from .functions import FunctionRegistry
 from .labapps import Lighttpd, Pipesd
 from .testbed import Testbed
 
@@ -25,6 +25,18 @@ FILE_SIZE = 4 * 1024 * 1024
 def fetch(tb, url: str) -> tuple[str, str]:
     result = tb.hosts["c"].run(["sh", "-c", f"curl -sS -g --max-time 20 '{url}' | sha256sum"])
     return result.stdout.split()[0], result.stderr
+
+
+def print_stats(name: str, stats: dict) -> None:
+    """A few lines of `pipesctl stats` (the full JSON has more)."""
+    worker, table = stats["totals"]["worker"], stats["srh_table"]
+    print(f"\n== pipesctl stats on {name.upper()}: {len(stats['workers'])} workers, "
+          f"{worker['accepted']} connections accepted, SRH table: {table['syn_seen']} SYNs "
+          f"captured, {worker['table_hits']} hits, {worker['table_misses']} misses")
+    for function, counters in sorted(stats["totals"]["functions"].items()):
+        print(f"   {function:9} flows {counters['flows_started']} (closed {counters['flows_closed']}, "
+              f"reset {counters['flows_reset']}), bytes client->server {counters['bytes_up']}, "
+              f"server->client {counters['bytes_down']}")
 
 
 def main() -> int:
@@ -47,8 +59,8 @@ def main() -> int:
         try:
             url = f"http://[{s.addr}]/file.bin"
             for function, params in (("xor", 42), ("identity", 0)):
-                plan_ids = {"identity": 0, "xor": 1}
-                segments = [AddressPlan(tb.locator(n)).encode(plan_ids[function], params)
+                function_id = FunctionRegistry().resolve(function).function_id
+                segments = [AddressPlan(tb.locator(n)).encode(function_id, params)
                             for n in ("p1", "p2")]
                 tb.steer(client="c", dest="s", segments=segments)
                 print(f"\n== curl {url}  with SRH [{segments[0]}, {segments[1]}, {s.addr}]"
@@ -59,9 +71,7 @@ def main() -> int:
                 print(f"   sha256 of the {FILE_SIZE} bytes received: "
                       f"{'matches' if match else 'DIFFERS'} ({digest[:16]}...) {err.strip()}")
             for name, proxy in proxies.items():
-                totals = proxy.stats()["totals"]
-                print(f"\n== pipesctl stats on {name.upper()} (totals)")
-                print(json.dumps(totals, indent=2, sort_keys=True))
+                print_stats(name, proxy.stats())
             server.stop()  # flushes its access log
             seen = server.clients_seen()
             print(f"\n== lighttpd on S logged {len(seen)} requests from: {sorted(set(seen))}"
