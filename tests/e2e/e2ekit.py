@@ -149,6 +149,19 @@ class Lab:
         return (address, int(port)), bytes(received[PEER_HEADER:]), local
 
 
+def read_to_eof(sock: socket.socket, chunk_size: int = 1 << 20) -> bytes:
+    """Everything the peer sends until its FIN; closes the socket."""
+    received = bytearray()
+    try:
+        while True:
+            chunk = sock.recv(chunk_size)
+            if not chunk:
+                return bytes(received)
+            received += chunk
+    finally:
+        sock.close()
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -15,7 +15,8 @@ import pytest
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.labapps import Pipesd
 
-from e2ekit import ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state, wait_for
+from e2ekit import (ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state,
+                    read_to_eof, wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -128,14 +129,7 @@ def test_sighup_reload_keeps_established_flows(line, tmp_path):
                                  if not w["draining"] and w["pid"] not in old], 10)
         sock.sendall(b"after reload")
         sock.shutdown(socket.SHUT_WR)
-        echoed = b""
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            echoed += chunk
-        sock.close()
-        assert echoed == b"before reload;after reload"
+        assert read_to_eof(sock) == b"before reload;after reload"
         assert wait_for(lambda: len(proxy.stats()["workers"]) == 1, 15)
         assert roundtrip_ok(lab, tb)
     finally:

@@ -5,6 +5,7 @@ routing, as the controller would install it; P2 must send its SYN-ACK and replie
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -12,7 +13,7 @@ from srv6pipes.addressplan import AddressPlan
 from srv6pipes.labapps import Pipesd
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
 
-from e2ekit import EchoServer, Lab, digest, kernel_state
+from e2ekit import EchoServer, Lab, digest, kernel_state, read_to_eof
 
 pytestmark = pytest.mark.e2e
 
@@ -58,14 +59,8 @@ def test_off_path_chain_returns_through_both_proxies(star):
     for _ in range(3):
         sock = lab.connect([], srh=sock_srh)
         sock.sendall(payload)
-        sock.shutdown(2 - 1)  # SHUT_WR
-        received = bytearray()
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            received += chunk
-        sock.close()
+        sock.shutdown(socket.SHUT_WR)
+        received = read_to_eof(sock)
         assert received[:64].split()[0].decode() == str(lab.c.addr)
         assert digest(bytes(received[64:])) == digest(payload)
     # Both proxies relayed the replies: bytes_down counted on each.
