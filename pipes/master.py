@@ -352,6 +352,7 @@ class Master:
             "generation": self.generation,
             "totals": totals,
             "srh_table": self.srh_table.counters(),
+            "kernel": stats.kernel_counters(),
             "workers": workers,
         }
 

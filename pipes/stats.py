@@ -134,3 +134,28 @@ def merge(snapshots: list[dict]) -> dict:
             for name, value in values.items():
                 into[name] = into.get(name, 0) + value
     return totals
+
+
+# Namespace-wide kernel counters an operator needs next to ours: SYN-cookie connections
+# cannot be intercepted (only the SYN is TPROXY'd, the cookie's ACK never reaches the
+# listener, so the kernel resets them), and listen queue overflows precede cookies.
+KERNEL_COUNTERS = {
+    "SyncookiesSent": "syncookies_sent",
+    "SyncookiesFailed": "syncookies_failed",
+    "ListenOverflows": "listen_overflows",
+    "ListenDrops": "listen_drops",
+}
+
+
+def kernel_counters(path: str = "/proc/net/netstat") -> dict:
+    """TcpExt counters of the current network namespace (those in KERNEL_COUNTERS)."""
+    try:
+        with open(path) as handle:
+            lines = [line.split() for line in handle if line.startswith("TcpExt:")]
+    except OSError:
+        return {}
+    if len(lines) < 2:
+        return {}
+    values = dict(zip(lines[0][1:], lines[1][1:]))
+    return {ours: int(values[theirs]) for theirs, ours in KERNEL_COUNTERS.items()
+            if theirs in values}

@@ -235,3 +235,66 @@ def test_pipesctl_address_and_functions(line):
         assert [(f["id"], f["name"]) for f in functions] == [(0, "identity"), (1, "xor")]
     finally:
         proxy.stop()
+
+
+def delete_queue_rule(host) -> None:
+    """Takes the NFQUEUE rule away, as if the capture were bypassed."""
+    import shlex
+
+    rules = host.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout
+    spec = next(line for line in rules.splitlines() if "NFQUEUE" in line)
+    host.run(["ip6tables-legacy", "-w", "10", "-t", "mangle", "-D", *shlex.split(spec)[1:]])
+
+
+def test_table_miss_falls_back_to_saved_syn(line):
+    """With the NFQUEUE rule gone (queue bypassed), workers recover the SRH from
+    TCP_SAVED_SYN and count the fallback."""
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("miss"))
+    try:
+        delete_queue_rule(p1)
+        assert all(roundtrip_ok(lab, tb) for _ in range(5))
+        worker = proxy.stats()["totals"]["worker"]
+        assert worker["saved_syn_fallbacks"] == 5 and worker["table_misses"] == 5
+    finally:
+        proxy.stop()
+
+
+def test_syn_cookie_connections_are_reset_and_visible(line):
+    """Documented answer: a connection the kernel answers with a SYN cookie cannot be
+    intercepted (only the SYN is TPROXY'd; the cookie's ACK finds no listener), so the
+    kernel resets it at once. `pipesctl stats` shows the kernel's cookie counters, and the
+    proxy serves normally once the SYN queue is no longer overflowing."""
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("cookie"))
+    try:
+        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])   # cookies for every SYN
+        outcome = connection_outcome(lambda: _client_with_srh(lab, tb),
+                                     (str(lab.s.addr), ECHO_PORT))
+        assert outcome == "reset"
+        assert proxy.stats()["kernel"]["syncookies_sent"] >= 1
+        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"])
+        assert roundtrip_ok(lab, tb)
+    finally:
+        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"])
+        proxy.stop()
+
+
+def test_sigterm_drains_established_flows(line):
+    tb, lab = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("drain"))
+    sock = lab.connect([identity_address(tb)])
+    try:
+        sock.sendall(b"first;")
+        proxy.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)                 # the daemon is draining, our flow must survive
+        assert proxy.proc.poll() is None
+        sock.sendall(b"second")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock)[64:] == b"first;second"
+        assert proxy.stop(timeout=10) == 0
+    finally:
+        sock.close()
+        proxy.stop()
