@@ -178,8 +178,9 @@ class Master:
                 continue
             log.warning("%s %d (pid %d) died with %s; restarting", child.kind, child.index,
                         pid, code)
-            if code == EXIT_BOOT_FAILED:
-                self.boot_failures += 1
+            # Consecutive boot failures (say, the port is taken) end the master instead
+            # of re-forking forever; any other death resets the count.
+            self.boot_failures = self.boot_failures + 1 if code == EXIT_BOOT_FAILED else 0
             self.restart_at[(child.kind, child.index)] = time.monotonic() + (
                 RESTART_BACKOFF if time.monotonic() - child.started < 5 else 0)
 

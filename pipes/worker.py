@@ -29,7 +29,7 @@ import time
 from . import _relay
 from .addressplan import AddressError, AddressPlan
 from .config import Config
-from .functions import FunctionRegistry, UnknownFunction
+from .functions import MAX_FUNCTION_SLOTS, FunctionRegistry, UnknownFunction
 from .ratelimit import RateLimitedLogger
 from .srh import SRH, SRHError, find_srh
 from .stats import WorkerRegion
@@ -159,7 +159,6 @@ class Worker:
         self.plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
         self.listener: socket.socket | None = None
         self.relay = None
-        self.accepting = True
         self.stopping_since: float | None = None
         self.spare_fd: int | None = None
         self.rlog = RateLimitedLogger(log)
@@ -195,7 +194,7 @@ class Worker:
         self.stats.set("pid", os.getpid())
         self.listener = make_listener(self.config.port)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
-                                      64, self.config.max_flows, self.config.buffer_size)
+                                      MAX_FUNCTION_SLOTS, self.config.max_flows, self.config.buffer_size)
         # A spare descriptor lets us accept-and-reset when descriptors run out, instead of
         # spinning on a listener that stays readable.
         self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -205,7 +204,6 @@ class Worker:
         """SIGTERM/SIGINT: stop accepting, let established flows drain."""
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
-            self.accepting = False
 
     # -- the loop --------------------------------------------------------------------
     def serve(self) -> None:

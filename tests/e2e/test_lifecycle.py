@@ -298,3 +298,24 @@ def test_sigterm_drains_established_flows(line):
     finally:
         sock.close()
         proxy.stop()
+
+
+def test_workers_that_cannot_boot_stop_the_master_with_a_clear_error(line):
+    """The port is taken by a listener without SO_REUSEPORT: every worker fails to boot;
+    the master gives up (exit 1) instead of re-forking forever, and cleans up."""
+    tb, _ = line
+    p1 = tb.hosts["p1"]
+    name = name_for("boot")
+    before = kernel_state(p1, name)
+    with p1.enter():
+        squatter = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("::", 7000))
+        squatter.listen(1)
+        result = p1.run([sys.executable, "-m", "srv6pipes.cli", "--locator", str(tb.locator("p1")),
+                         "--name", name, "--workers", "1"], check=False, timeout=60)
+    finally:
+        squatter.close()
+    assert result.returncode == 1
+    assert "failed to boot" in result.stderr and "Address already in use" in result.stderr
+    assert kernel_state(p1, name) == before
