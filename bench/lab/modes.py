@@ -1,0 +1,335 @@
+"""What the middlebox p1 is during a measurement.
+
+Each mode has ``setup(lab)``, ``check(lab)`` (prove the traffic takes the mode's path, see
+checks.py) and ``teardown(lab)``, and runs in a fresh testbed. ``proxied`` says whether p1
+terminates the client's TCP connections; ``supports(workload)`` whether the mode can carry it.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from .checks import check_http_path, check_xor
+from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT, wait_listening
+
+
+class ModeUnavailable(RuntimeError):
+    """The mode cannot run on this machine (missing program, broken install)."""
+
+
+def steer(lab, segments):
+    lab.tb.steer(client="c", dest="s", segments=list(segments))
+
+
+def unsteer(lab):
+    """Remove the client's seg6 route towards s (plain routing through p1 again)."""
+    lab.tb.unsteer(client="c", dest="s")
+
+
+class Mode:
+    name = "?"
+    proxied = False
+    description = ""
+    final_stats = None      # what the middlebox reported about itself, recorded in the JSON
+
+    def setup(self, lab):
+        pass
+
+    def teardown(self, lab):
+        pass
+
+    def supports(self, workload):
+        return True
+
+    def check(self, lab):
+        """Raise CheckFailed unless traffic takes this mode's path intact; return evidence."""
+        return check_http_path(lab, self)
+
+    def info(self):
+        """Settings worth recording in the results."""
+        return {"description": self.description}
+
+
+class Router(Mode):
+    """Plain IPv6 forwarding in p1: no SRH, static routes c -> p1 -> s."""
+    name = "router"
+    description = "p1 forwards (kernel IPv6 routing), no SRH"
+
+
+class RouterSRH(Mode):
+    """The client adds an SRH whose segment is a seg6local End SID of p1, then s.
+
+    p1 processes the SRH in the kernel (End: next segment, forward) and s receives a packet
+    with an SRH (segments left 0); the testbed enables seg6 on every interface.
+    """
+    name = "router-srh"
+    description = "p1 runs a seg6local End SID, client SRH [p1 End, s]"
+    SID_HOST_BITS = 0xE0D
+
+    def sid(self, lab):
+        return lab.tb.locator("p1")[self.SID_HOST_BITS]
+
+    def setup(self, lab):
+        p1 = lab.tb.hosts["p1"]
+        _, dev = _next_hop(p1, lab.tb.hosts["s"].addr)
+        p1.run(["ip", "-6", "route", "add", f"{self.sid(lab)}/128", "encap", "seg6local",
+                "action", "End", "dev", dev])
+        steer(lab, [self.sid(lab)])
+
+    def teardown(self, lab):
+        unsteer(lab)
+        lab.tb.hosts["p1"].run(["ip", "-6", "route", "del", f"{self.sid(lab)}/128"], check=False)
+
+
+HAPROXY_CFG = """\
+global
+    nbthread 2
+    {cpu_map}
+    # The lab's file limit is 20000; HAProxy needs about 2 fds per connection.
+    maxconn 4000
+    log stdout format raw local0 err
+
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend intercept
+    bind :::{port} transparent
+    default_backend s
+
+backend s
+    # Connect to s from the client's own address and port (TPROXY "usesrc clientip").
+    source [::] usesrc clientip
+    # No port: use the port the client connected to (80, 5201, 5202). Brackets keep the
+    # last group of the IPv6 address from being read as a port.
+    server s [{server}]
+"""
+
+HAPROXY_NFT = """\
+table inet {table} {{
+    chain prerouting {{
+        type filter hook prerouting priority mangle + 1; policy accept;
+        # TPROXY first (see DESIGN.md: with the socket rule first, SYNs that match a
+        # TIME_WAIT socket stall).
+        ip6 daddr {server} tcp dport {{ {ports} }} counter tproxy ip6 to :{port} meta mark set {mark} accept
+        # Replies from s to the client's address belong to HAProxy's transparent sockets.
+        meta l4proto tcp socket transparent 1 counter meta mark set {mark} accept
+    }}
+}}
+"""
+
+
+class HAProxy(Mode):
+    """HAProxy 2.6 intercepting c -> s with TPROXY in p1 (the peer users would pick).
+
+    The client talks to s directly; p1 diverts those connections to HAProxy, which connects
+    to s with the client's address (fully transparent, like pipesd).
+    """
+    name = "haproxy"
+    proxied = True
+    description = ("HAProxy 2.6 in p1, nft TPROXY interception, mode tcp, splice-auto, "
+                   "nbthread 2, usesrc clientip")
+    PORT = 8080
+    MARK = 0x5A
+    TABLE = 190
+
+    def __init__(self):
+        self.proc = None
+        self.nft_table = f"bench_haproxy_{os.getpid()}"
+
+    def setup(self, lab):
+        if not shutil.which("haproxy"):
+            raise ModeUnavailable("haproxy is not installed")
+        p1, s = lab.tb.hosts["p1"], lab.tb.hosts["s"]
+        pin = lab.pinning
+        if pin.middlebox_cpus is None:
+            cpu_map = "cpu-map auto:1/1-2 0-1"   # one thread per core, as pipesd's workers
+        else:
+            cpu_map = f"cpu-map 1/all {pin.middlebox_cpus}"
+        cfg = os.path.join(lab.workdir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_CFG.format(cpu_map=cpu_map, port=self.PORT, server=s.addr))
+        nft = os.path.join(lab.workdir, "haproxy.nft")
+        with open(nft, "w") as f:
+            f.write(HAPROXY_NFT.format(table=self.nft_table, server=s.addr, port=self.PORT,
+                                       ports=f"{HTTP_PORT}, {IPERF_PORT}, {BLAST_PORT}", mark=self.MARK))
+        p1.run(["ip", "-6", "rule", "add", "fwmark", str(self.MARK), "lookup", str(self.TABLE)])
+        p1.run(["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", str(self.TABLE)])
+        p1.run(["nft", "-f", nft])
+        log = os.path.join(lab.workdir, "haproxy.log")
+        self.proc = p1.popen([*lab.pinning.taskset(lab.pinning.middlebox_cpus),
+                              "haproxy", "-db", "-f", cfg], stdout=open(log, "a"),
+                             stderr=subprocess.STDOUT)
+        try:
+            wait_listening(p1, self.PORT)
+        except RuntimeError as exc:
+            raise ModeUnavailable(f"haproxy did not start ({exc}); log: {_tail(log)}") from exc
+
+    def teardown(self, lab):
+        p1 = lab.tb.hosts["p1"]
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+        p1.run(["nft", "delete", "table", "inet", self.nft_table], check=False)
+        p1.run(["ip", "-6", "rule", "del", "fwmark", str(self.MARK), "lookup", str(self.TABLE)],
+               check=False)
+        p1.run(["ip", "-6", "route", "flush", "table", str(self.TABLE)], check=False)
+
+
+class Pipesd(Mode):
+    """pipesd in p1, the client steered through one of its function addresses."""
+    proxied = True
+
+    def __init__(self, function, params=(), workers=2):
+        self.function, self.params, self.workers = function, tuple(params), workers
+        self.name = f"pipesd-{function}"
+        self.description = (f"pipesd --workers {workers} in p1, client SRH "
+                            f"[{function}{''.join(' ' + str(p) for p in params)} @p1, s]")
+        self.proc = None
+        self.final_stats = None     # pipesctl stats just before the daemon was stopped
+        # Unique per run: other pipesd instances may run on this machine meanwhile.
+        self.daemon_name = f"bench{os.getpid()}"
+        self.control = f"/run/srv6pipes/{self.daemon_name}.sock"
+        self.log = None
+
+    @staticmethod
+    def available():
+        """Raise ModeUnavailable with the reason when pipesd cannot be started."""
+        for prog in ("pipesd", "pipesctl"):
+            if not shutil.which(prog):
+                raise ModeUnavailable(f"{prog} is not on PATH (pip install -e /work/main)")
+            res = subprocess.run([prog, "--help"], capture_output=True, text=True, timeout=30)
+            if res.returncode != 0:
+                last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+                raise ModeUnavailable(f"`{prog} --help` fails: {last[0]}")
+
+    def address(self, lab):
+        """The function address (``pipesctl address LOCATOR FUNCTION PARAMS...``)."""
+        res = subprocess.run(["pipesctl", "address", str(lab.tb.locator("p1")), self.function,
+                              *map(str, self.params)], capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise ModeUnavailable(f"pipesctl address failed: {res.stderr.strip()}")
+        return res.stdout.strip()
+
+    def setup(self, lab):
+        self.available()
+        p1 = lab.tb.hosts["p1"]
+        os.makedirs(os.path.dirname(self.control), exist_ok=True)
+        self.log = os.path.join(lab.workdir, f"{self.name}.log")
+        # pipesd pins worker i to the i-th CPU of its affinity: under taskset -c 1 (split
+        # pinning) both workers share CPU 1, unpinned they take one core each.
+        cmd = [*lab.pinning.taskset(lab.pinning.middlebox_cpus),
+               "pipesd", "--workers", str(self.workers), "--locator", str(lab.tb.locator("p1")),
+               "--port", "7000", "--name", self.daemon_name, "--control", self.control]
+        self.proc = p1.popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        self._wait_ready(lab)
+        self.steer(lab)
+
+    def steer(self, lab):
+        steer(lab, [self.address(lab)])
+
+    def unsteer(self, lab):
+        unsteer(lab)
+
+    def _wait_ready(self, lab, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ModeUnavailable(f"pipesd exited with {self.proc.returncode}; "
+                                      f"log: {_tail(self.log)}")
+            if self.stats(lab) is not None:
+                return
+            time.sleep(0.2)
+        raise ModeUnavailable(f"pipesd not ready after {timeout}s; log: {_tail(self.log)}")
+
+    def stats(self, lab):
+        """pipesctl stats as a dict, or None when the daemon does not answer."""
+        res = lab.tb.hosts["p1"].run(["pipesctl", "--control", self.control, "stats"],
+                                     check=False, timeout=10)
+        if res.returncode != 0:
+            return None
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            return None
+
+    def teardown(self, lab):
+        self.unsteer(lab)
+        if self.proc is not None:
+            self.final_stats = self.stats(lab)
+            code = stop(self.proc, timeout=15)
+            if code not in (0, -signal.SIGTERM):
+                print(f"   note: pipesd exited with {code}; log: {_tail(self.log)}", flush=True)
+            self.proc = None
+
+    def info(self):
+        return {"description": self.description, "function": self.function,
+                "params": list(self.params), "workers": self.workers}
+
+
+class PipesdXor(Pipesd):
+    """pipesd's xor function with a real key: blast workloads only.
+
+    XOR changes the bytes, so neither HTTP (wrk) nor iperf3 (its control connection
+    exchanges JSON, each data connection starts with a cookie the server checks) can cross
+    it. blast.py never looks at the payload. The check XORs an HTTP request in the client
+    and un-XORs the reply: a "200" with the right body proves both directions were XORed.
+    """
+
+    def __init__(self, key=42, workers=2):
+        super().__init__("xor", params=(key,), workers=workers)
+        self.key = key
+
+    def supports(self, workload):
+        return workload.kind == "blast"
+
+    def check(self, lab):
+        return check_xor(lab, self, self.key)
+
+
+def _next_hop(host, dst):
+    """(gateway, interface) ``host`` uses towards ``dst``."""
+    out = host.run(["ip", "-6", "route", "get", str(dst)]).stdout.split()
+    return out[out.index("via") + 1], out[out.index("dev") + 1]
+
+
+def stop(proc, timeout=10):
+    """SIGTERM ``proc`` (one we started), SIGKILL it after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _tail(path, lines=5):
+    try:
+        with open(path) as f:
+            return " | ".join(f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def make_mode(name):
+    modes = {
+        "router": Router,
+        "router-srh": RouterSRH,
+        "haproxy": HAProxy,
+        "pipesd-identity": lambda: Pipesd("identity"),
+        "pipesd-xor": PipesdXor,
+    }
+    if name not in modes:
+        raise SystemExit(f"unknown mode {name!r}; known: {', '.join(modes)}")
+    return modes[name]()
+
+
+MODE_NAMES = ["router", "router-srh", "pipesd-identity", "pipesd-xor", "haproxy"]
+DEFAULT_MODES = ["router", "pipesd-identity", "pipesd-xor", "haproxy"]

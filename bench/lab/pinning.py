@@ -1,0 +1,53 @@
+"""Which CPU runs what.
+
+The paper's lab had three machines (client, middlebox M1, server). Here three network
+namespaces share 2 cores, so the placement decides what a ratio means:
+
+``split`` (default): c and s (load generator, servers and their TCP stacks) on CPU 0, the
+    middlebox p1 alone on CPU 1: its processes are pinned there and RPS on p1's interfaces
+    moves p1's packet processing (forwarding for the router, TCP for the proxies) to CPU 1
+    too. This is the paper's question: does one core of middlebox keep up with the
+    endpoints? A ratio below 1 means the middlebox core saturated before the endpoints' core.
+``shared``: load generator on CPU 0, servers on CPU 1, middlebox processes unpinned and
+    packet processing wherever the sender runs. Everything competes for both cores, so a ratio
+    measures the middlebox's total CPU cost relative to kernel forwarding.
+"""
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Pinning:
+    name: str
+    client_cpus: str            # taskset list for wrk / iperf3 -c in c
+    server_cpus: str            # taskset list for lighttpd / iperf3 -s in s
+    middlebox_cpus: str | None  # taskset list for haproxy / pipesd in p1, None = unpinned
+    rps: dict | None            # host name -> hex CPU mask for rps_cpus of all its interfaces
+
+    @staticmethod
+    def taskset(cpus):
+        """argv prefix: ``["taskset", "-c", CPUS]``, or nothing when ``cpus`` is None."""
+        return ["taskset", "-c", cpus] if cpus else []
+
+    def as_dict(self):
+        return asdict(self)
+
+
+PINNINGS = {
+    "split": Pinning("split", client_cpus="0", server_cpus="0", middlebox_cpus="1",
+                     rps={"c": "1", "s": "1", "p1": "2"}),
+    "shared": Pinning("shared", client_cpus="0", server_cpus="1", middlebox_cpus=None, rps=None),
+}
+
+
+def apply_rps(tb, pinning):
+    """Set rps_cpus on every interface of the hosts named in ``pinning.rps``.
+
+    veth delivers through netif_rx, which honours RPS: with a mask set, the receiving
+    namespace's packet processing runs on that CPU instead of the sender's.
+    """
+    if not pinning.rps:
+        return
+    for name, mask in pinning.rps.items():
+        tb.hosts[name].run(
+            ["sh", "-c", f"for q in /sys/class/net/*/queues/rx-*/rps_cpus; do "
+                         f"echo {mask} > $q; done"])

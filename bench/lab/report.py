@@ -1,0 +1,123 @@
+"""Medians, ratios to the router of the same run, JSON and a markdown table."""
+import json
+
+
+# A sample is "disturbed" when, during it, processes outside the lab used more than this
+# many CPUs or other namespaces received more than this many Mb/s (see interference.py).
+DISTURBED_CPUS = 0.15
+DISTURBED_MBPS = 200
+
+
+def disturbed(sample):
+    return (sample.get("foreign_cpus", 0) > DISTURBED_CPUS
+            or sample.get("foreign_net_mbps", 0) > DISTURBED_MBPS)
+
+
+def usable(samples):
+    """Samples without error; only the undisturbed ones when there are any."""
+    ok = [s for s in samples if "error" not in s]
+    calm = [s for s in ok if not disturbed(s)]
+    return calm or ok
+
+
+def median_sample(samples):
+    """The sample holding the median primary metric (lower median for even counts)."""
+    ok = sorted(usable(samples), key=lambda s: s["bits_per_second"])
+    if not ok:
+        return None
+    return ok[(len(ok) - 1) // 2]
+
+
+def summarize(cells):
+    """Add ``median`` (sample), ``spread`` (max/min - 1) and ``ratio_to_router`` to each cell."""
+    by_key = {}
+    for cell in cells:
+        med = median_sample(cell["samples"])
+        cell["median"] = med
+        values = [s["bits_per_second"] for s in usable(cell["samples"])]
+        cell["disturbed"] = bool(med) and disturbed(med)
+        cell["spread"] = (max(values) / min(values) - 1) if len(values) > 1 and min(values) else None
+        by_key[(cell["mtu"], cell["workload"], cell["mode"])] = cell
+    for cell in cells:
+        router = by_key.get((cell["mtu"], cell["workload"], "router"))
+        if cell["median"] and router and router["median"]:
+            cell["ratio_to_router"] = (cell["median"]["bits_per_second"]
+                                       / router["median"]["bits_per_second"])
+        else:
+            cell["ratio_to_router"] = None
+    return cells
+
+
+def fmt_rate(bps):
+    if bps >= 1e9:
+        return f"{bps / 1e9:.2f} Gb/s"
+    return f"{bps / 1e6:.0f} Mb/s"
+
+
+def fmt_value(sample):
+    if sample is None:
+        return "failed"
+    text = fmt_rate(sample["bits_per_second"])
+    if "requests_per_second" in sample:
+        rps = sample["requests_per_second"]
+        text += f", {rps / 1000:.1f}k req/s" if rps >= 1000 else f", {rps:.0f} req/s"
+    if sample.get("errors"):
+        text += " (errors!)"
+    if disturbed(sample):
+        text += " (disturbed)"
+    return text
+
+
+def markdown(results):
+    """One table per MTU: workload, router, then each mode's value and ratio to router."""
+    cells = results["cells"]
+    modes = [m for m in results["settings"]["modes"] if m != "router"]
+    st = results["settings"]
+    lines = [f"# SRv6Pipes throughput lab, {results['started']}", "",
+             f"Kernel {results['host']['kernel']}, {results['host']['cpus']} CPUs, pinning "
+             f"`{st['pinning']['name']}`, {st['repetitions']} run(s) per cell (median), "
+             f"{st['seconds']} s per load run, wrk {st['wrk']}. Testbed: {results['testbed']}. "
+             f"Ratios: mode / router of the same run, on bits per second.", ""]
+    for mtu in results["settings"]["mtus"]:
+        lines += [f"## MTU {mtu}", ""]
+        header = "| workload | router |" + "".join(f" {m} | x router |" for m in modes)
+        lines += [header, "|" + "---|" * (2 + 2 * len(modes))]
+        workloads = []
+        for cell in cells:
+            if cell["mtu"] == mtu and cell["workload"] not in workloads:
+                workloads.append(cell["workload"])
+        for wl in workloads:
+            row = {c["mode"]: c for c in cells if c["mtu"] == mtu and c["workload"] == wl}
+            line = f"| {wl} | {fmt_value(row['router']['median']) if 'router' in row else '-'} |"
+            for m in modes:
+                cell = row.get(m)
+                if cell is None:
+                    line += " - | - |"
+                    continue
+                ratio = cell["ratio_to_router"]
+                line += f" {fmt_value(cell['median'])} | {f'{ratio:.2f}' if ratio else '-'} |"
+            lines.append(line)
+        lines.append("")
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def write(results, json_path, md_path):
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    text = markdown(results)
+    with open(md_path, "w") as f:
+        f.write(text)
+    return text
+
+
+def spread_note(cells, limit=0.15):
+    """Cells whose repetitions disagree by more than ``limit`` (max/min - 1)."""
+    noisy = [f"{c['mode']} {c['workload']} @{c['mtu']} ({c['spread']:.0%})"
+             for c in cells if c.get("spread") and c["spread"] > limit]
+    if not noisy:
+        return None
+    return "repetitions differ by more than 15% in: " + ", ".join(noisy)
+
