@@ -127,6 +127,7 @@ COUNTERS = (
     "not_syn",       # capture: queued packets that were not a TCP SYN (rule too broad)
     "errors",        # capture: unexpected exceptions while handling a packet (accepted)
     "queue_drops",   # capture: the kernel could not deliver queued packets (ENOBUFS): SYNs lost
+    "time_wait_retired",  # capture: a proxy-side TIME_WAIT socket blocked the SYN's tuple
 )
 COUNTER_INDEX = {counter: index for index, counter in enumerate(COUNTERS)}
 assert len(COUNTERS) <= SRHT_NCOUNTERS

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 from . import _srhtable
 from .ratelimit import RateLimitedLogger
 from .srh import SRHError, find_srh
+from .timewait import TimeWaitReaper
 
 log = logging.getLogger("srv6pipes.capture")
 
@@ -73,6 +74,8 @@ class SynCapture:
         # Off-path proxies: a returnpath.ReturnRoutes that marks each SYN with its return
         # path (see returnpath.py); None on-path.
         self.return_routes = return_routes
+        # Retires our own TIME_WAIT socket on a reused client port (see timewait.py).
+        self.reaper = None
         self.queue_num = queue_num
         self.queue_maxlen = queue_maxlen
         self.log = logger or log
@@ -104,6 +107,13 @@ class SynCapture:
                 return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
                                    info.src, info.sport, info.dst, info.dport,
                                    level=logging.DEBUG)
+            if self.reaper is not None:
+                try:
+                    if self.reaper.retire(srh.final_destination, info.dport, info.src, info.sport):
+                        table.count("time_wait_retired")
+                except OSError as exc:
+                    self.rlog.warning("time_wait", "cannot retire TIME_WAIT [%s]:%s: %s",
+                                      info.src, info.sport, exc)
             if self.return_routes is not None and set_mark is not None:
                 mark = self.return_routes.mark_for(srh, info.src)
                 if mark:
@@ -171,6 +181,11 @@ class SynCapture:
         # batches (run_socket), so the stop flag is checked even under a SYN flood.
         self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
         self._sock.setblocking(False)
+        try:
+            self.reaper = TimeWaitReaper()
+        except OSError as exc:  # no sock_diag: short connections may stall on port reuse
+            self.log.warning("cannot open sock_diag (%s): TIME_WAIT sockets will not be "
+                             "retired on client port reuse", exc)
 
     def serve(self, should_stop: Callable[[], bool], wake_fd: Optional[int] = None,
               poll_interval: float = POLL_INTERVAL) -> None:
@@ -204,6 +219,9 @@ class SynCapture:
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
         self.rlog.flush()
 
 

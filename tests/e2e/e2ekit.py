@@ -20,6 +20,7 @@ from srv6pipes.testbed import Testbed
 IPV6_RTHDR = 57
 ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
 RESET_PORT = 9001       # reads a little, then resets
+CLOSE_PORT = 9002       # sends the peer header and closes first (HTTP with Connection: close)
 PEER_HEADER = 64        # the server's first bytes: "address port", space padded
 FUNCTIONS = {"identity": 0, "xor": 1}
 
@@ -40,7 +41,8 @@ class EchoServer:
         self.listeners = []
         self.stop = threading.Event()
         with host.enter():
-            for port, serve in ((ECHO_PORT, self.echo), (RESET_PORT, self.reset)):
+            for port, serve in ((ECHO_PORT, self.echo), (RESET_PORT, self.reset),
+                                (CLOSE_PORT, self.greet_and_close)):
                 listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 listener.bind((str(host.addr), port))
@@ -77,6 +79,14 @@ class EchoServer:
             conn.close()
 
     @staticmethod
+    def greet_and_close(conn, peer):
+        try:
+            conn.sendall(f"{peer[0]} {peer[1]}".encode().ljust(PEER_HEADER))
+        except OSError:
+            pass
+        conn.close()
+
+    @staticmethod
     def reset(conn, peer):
         conn.settimeout(10)
         try:
@@ -104,11 +114,15 @@ class Lab:
         function_id = FUNCTIONS.get(function, function)
         return AddressPlan(self.tb.locator(proxy)).encode(function_id, params)
 
-    def connect(self, segments, port=ECHO_PORT, timeout=20.0, srh: SRH | None = None) -> socket.socket:
+    def connect(self, segments, port=ECHO_PORT, timeout=20.0, srh: SRH | None = None,
+                source_port: int = 0) -> socket.socket:
         """A client socket in C's namespace whose SYN carries SRH [segments..., S]."""
         with self.c.enter():
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         sock.settimeout(timeout)
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((str(self.c.addr), source_port))
         header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
         if segments or srh is not None:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())

@@ -12,7 +12,7 @@ import pytest
 from srv6pipes.srh import SRH
 from srv6pipes.labapps import Lighttpd
 
-from e2ekit import (ECHO_PORT, RESET_PORT, connection_outcome, digest, read_to_eof, wait_for,
+from e2ekit import (CLOSE_PORT, ECHO_PORT, RESET_PORT, connection_outcome, digest, read_to_eof, wait_for,
                     xor_bytes)
 
 pytestmark = pytest.mark.e2e
@@ -201,3 +201,17 @@ def test_stats_count_bytes_per_function_and_table_hits(lab):
     stats = lab.proxies["p2"].stats()
     assert stats["srh_table"]["inserts"] >= 1
     assert len(stats["workers"]) == 2
+
+
+def test_client_port_reuse_after_server_closed_first(lab):
+    """The server closes first, so the proxy holds TIME_WAIT toward the client; a new
+    connection from the same client port must not stall (the capture retires it)."""
+    before = lab.proxies["p1"].stats()["srh_table"]["time_wait_retired"]
+    for _ in range(4):
+        started = time.monotonic()
+        sock = lab.connect([lab.address("p1", "identity")], port=CLOSE_PORT, timeout=5,
+                           source_port=45678)
+        assert read_to_eof(sock)[:64].split()[1] == b"45678"
+        assert time.monotonic() - started < 1.0
+        time.sleep(0.05)    # let the proxy's side reach TIME_WAIT
+    assert lab.proxies["p1"].stats()["srh_table"]["time_wait_retired"] >= before + 3
