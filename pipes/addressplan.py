@@ -134,7 +134,7 @@ class AddressPlan:
         :class:`AddressError` when ``addr`` is not an IPv6 address, lies outside the
         locator, or has nonzero gap bits.
         """
-        value = int(_parse_address(addr))
+        value = _address_int(addr)
         if value >> self._locator_shift != self._locator_int:
             raise AddressError(f"address {ipaddress.IPv6Address(value)} is outside the "
                                f"locator {self.locator}")
@@ -154,7 +154,7 @@ class AddressPlan:
 
         Raises :class:`AddressError` if ``addr`` is not an IPv6 address at all.
         """
-        return int(_parse_address(addr)) >> self._locator_shift == self._locator_int
+        return _address_int(addr) >> self._locator_shift == self._locator_int
 
     def __repr__(self) -> str:
         return (f"AddressPlan({str(self.locator)!r}, function_bits={self.function_bits}, "
@@ -191,6 +191,13 @@ def _parse_locator(locator: str | ipaddress.IPv6Network) -> ipaddress.IPv6Networ
         ) from None
     except TypeError as exc:
         raise AddressError(f"locator {locator!r} is not an IPv6 prefix: {exc}") from None
+
+
+def _address_int(addr: AddressLike) -> int:
+    """The address as an integer; 16 raw bytes (the worker's hot path) need no parsing."""
+    if isinstance(addr, bytes) and len(addr) == 16:
+        return int.from_bytes(addr, "big")
+    return int(_parse_address(addr))
 
 
 def _parse_address(addr: AddressLike) -> ipaddress.IPv6Address:

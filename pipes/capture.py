@@ -107,9 +107,11 @@ class SynCapture:
                 return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
                                    info.src, info.sport, info.dst, info.dport,
                                    level=logging.DEBUG)
+            client = info.src.packed
+            destination = srh.final_destination.packed
             if self.reaper is not None:
                 try:
-                    if self.reaper.retire(srh.final_destination, info.dport, info.src, info.sport):
+                    if self.reaper.retire(destination, info.dport, client, info.sport):
                         table.count("time_wait_retired")
                 except OSError as exc:
                     self.rlog.warning("time_wait", "cannot retire TIME_WAIT [%s]:%s: %s",
@@ -119,8 +121,8 @@ class SynCapture:
                 if mark:
                     set_mark(mark)
             # Key as the worker sees it after accept(): peer = client, local = final dest.
-            if table.insert(info.src.packed, info.sport, srh.final_destination.packed,
-                            info.dport, srh.segments_left, srh.to_bytes()):
+            if table.insert(client, info.sport, destination, info.dport, srh.segments_left,
+                            info.srh_wire):
                 return "inserts"
             self.rlog.warning("rejected", "SYN from [%s]:%s: SRH of %d bytes is larger than "
                               "the table's %d-byte slots; the worker will reset it", info.src,

@@ -374,6 +374,8 @@ class PacketInfo(NamedTuple):
     l4_offset: int
     sport: Optional[int]
     dport: Optional[int]
+    # The SRH exactly as it was on the wire (the capture stores it without re-encoding).
+    srh_wire: Optional[bytes] = None
 
 
 def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
@@ -403,6 +405,7 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
     dst = IPv6Address(data[24:40])
 
     srh = None
+    srh_wire = None
     seen_routing = False
     offset = IPV6_HEADER_LENGTH
     fragmented = False
@@ -425,7 +428,8 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
                     raise SRHError(f"second routing header at offset {offset}")
                 seen_routing = True
                 if data[offset + 2] == ROUTING_TYPE_SRH:
-                    srh = SRH.parse(data[offset:header_end])
+                    srh_wire = bytes(data[offset:header_end])
+                    srh = SRH.parse(srh_wire)
             next_header = data[offset]
             offset = header_end
         elif next_header == IPPROTO_FRAGMENT:
@@ -447,4 +451,5 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
     sport = dport = None
     if not fragmented and next_header in (IPPROTO_TCP, IPPROTO_UDP) and offset + 4 <= end:
         sport, dport = _PORTS.unpack_from(data, offset)
-    return PacketInfo(src, dst, srh, next_header, offset, sport, dport)
+    return PacketInfo(src, dst, srh, next_header, offset, sport, dport,
+                      srh_wire if srh is not None else None)

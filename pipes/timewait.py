@@ -41,12 +41,21 @@ _PORTS = struct.Struct("!HH")
 _TAIL = struct.Struct("=III")
 
 
+def _packed(address) -> bytes:
+    """16 bytes from bytes, IPv6Address or text (bytes on the per-SYN path: no parsing)."""
+    if isinstance(address, bytes):
+        return address
+    if isinstance(address, ipaddress.IPv6Address):
+        return address.packed
+    return ipaddress.IPv6Address(address).packed
+
+
 def diag_request(kind: int, local, local_port: int, remote, remote_port: int, seq: int) -> bytes:
     """A sock_diag message (kind: SOCK_DIAG_BY_FAMILY or SOCK_DESTROY) naming exactly the
     TCP socket local:port <-> remote:port."""
     body = (_REQ_HEAD.pack(socket.AF_INET6, socket.IPPROTO_TCP, 0, 0, 1 << TCP_TIME_WAIT)
             + _PORTS.pack(local_port, remote_port)
-            + ipaddress.IPv6Address(local).packed + ipaddress.IPv6Address(remote).packed
+            + _packed(local) + _packed(remote)
             + _TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind,
                           NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body

@@ -89,11 +89,27 @@ def make_listener(port: int) -> socket.socket:
 
 @dataclasses.dataclass
 class Route:
-    """What open_flow decided for one connection."""
+    """What open_flow decided for one connection (kept as wire bytes: no SRH object is
+    built on the table-hit path)."""
 
-    srh: SRH            # as received by this proxy (segments_left = our segment)
+    srh_wire: bytes          # the SYN's SRH as captured (its own segments-left byte aside)
+    segments_left: int       # when it reached us: index of our segment
     function_id: int
     params: int
+
+    @property
+    def onward(self) -> bytes | None:
+        """The SRH for the onward socket: same segments, segments-left one less (see
+        SRH.onward); None when the next segment is the final destination."""
+        if self.segments_left == 1:
+            return None
+        wire = self.srh_wire
+        return wire[:3] + bytes((self.segments_left - 1,)) + wire[4:]
+
+    @property
+    def srh(self) -> SRH:
+        """The parsed header as received (for logs and tests; not on the hot path)."""
+        return dataclasses.replace(SRH.parse(self.srh_wire), segments_left=self.segments_left)
 
 
 def locate_own_segment(srh: SRH, plan: AddressPlan) -> SRH:
@@ -114,11 +130,10 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
     """
     if table_entry is not None:
         stats.add("table_hits")
-        segments_left, srh_bytes = table_entry
-        try:
-            srh = dataclasses.replace(SRH.parse(srh_bytes), segments_left=segments_left)
-        except (SRHError, ValueError) as exc:
-            raise Rejected("malformed_srh", f"malformed SRH in table: {exc}") from None
+        segments_left, wire = table_entry
+        # The capture parsed and validated it; check only what indexing below relies on.
+        if len(wire) < 8 or wire[2] != 4 or len(wire) < 8 + 16 * (wire[4] + 1):
+            raise Rejected("malformed_srh", "malformed SRH in table")
     else:
         stats.add("table_misses")
         if not saved_syn:
@@ -132,17 +147,21 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
             raise Rejected("no_srh", "the SYN carried no SRH")
         srh = locate_own_segment(info.srh, plan)
         stats.add("saved_syn_fallbacks")
-    if srh.last_entry + 1 > max_segments:
+        segments_left, wire = srh.segments_left, srh.to_bytes()
+    last_entry = wire[4]
+    if last_entry + 1 > max_segments:
         raise Rejected("too_many_segments",
-                       f"{srh.last_entry + 1} segments, more than --max-segments {max_segments}")
-    if srh.segments_left == 0:
-        raise Rejected("malformed_srh", "segments-left is 0: no segment left for this proxy")
+                       f"{last_entry + 1} segments, more than --max-segments {max_segments}")
+    if segments_left == 0 or segments_left > last_entry:
+        raise Rejected("malformed_srh", f"segments-left {segments_left} leaves no segment "
+                                        f"for this proxy (last entry {last_entry})")
+    active = wire[8 + 16 * segments_left:24 + 16 * segments_left]
     try:
-        function_id, params = plan.decode(srh.active_segment)
+        function_id, params = plan.decode(active)
     except AddressError:
-        raise Rejected("not_our_segment",
-                       f"active segment {srh.active_segment} is outside our locator") from None
-    return Route(srh, function_id, params)
+        raise Rejected("not_our_segment", "the active segment "
+                       f"{socket.inet_ntop(socket.AF_INET6, active)} is outside our locator") from None
+    return Route(wire, segments_left, function_id, params)
 
 
 class Worker:
@@ -278,7 +297,7 @@ class Worker:
             except UnknownFunction as exc:
                 raise Rejected("unknown_function", str(exc)) from None
             server = self.connect_onward(client_addr, client_port, dest_addr, dest_port,
-                                         route.srh.onward())
+                                         route.onward)
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.relay.add_flow(client.detach(), server.detach(), function.relay_mode,
@@ -298,7 +317,7 @@ class Worker:
             reset_socket(client)
 
     def connect_onward(self, client_addr: str, client_port: int, dest_addr: str,
-                       dest_port: int, onward: SRH | None) -> socket.socket:
+                       dest_port: int, onward: bytes | None) -> socket.socket:
         """Step 4: a socket that looks like the client, starting a non-blocking connect."""
         server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
@@ -308,7 +327,7 @@ class Worker:
             server.setblocking(False)
             server.bind((client_addr, client_port))
             if onward is not None:
-                server.setsockopt(SOL_IPV6, IPV6_RTHDR, onward.to_bytes())
+                server.setsockopt(SOL_IPV6, IPV6_RTHDR, onward)
             status = server.connect_ex((dest_addr, dest_port))
             if status not in (0, errno.EINPROGRESS):
                 raise OSError(status, os.strerror(status))
