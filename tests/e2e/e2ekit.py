@@ -120,13 +120,17 @@ class Lab:
         with self.c.enter():
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         sock.settimeout(timeout)
-        if source_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((str(self.c.addr), source_port))
-        header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
-        if segments or srh is not None:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())
-        sock.connect((str(self.s.addr), port))
+        try:
+            if source_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((str(self.c.addr), source_port))
+            header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
+            if segments or srh is not None:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())
+            sock.connect((str(self.s.addr), port))
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def echo_roundtrip(self, segments, payload: bytes, key: int = 0, timeout=60.0):
