@@ -90,12 +90,7 @@ class Master:
             self.teardown()
 
     def setup(self) -> None:
-        self.kernel_installed = kernel_config(self.config)
-        kernelsetup.install(self.kernel_installed)
-        returnpath.remove(self.config.name, self.config.fwmark, self.kernel_installed.rule_priority)
-        if self.config.return_mode != "on-path":
-            returnpath.install(self.config.name, self.config.fwmark,
-                               self.kernel_installed.rule_priority)
+        self.install_kernel_state(self.config)
         self.srh_table = _srhtable.SrhTable.create(self.config.name, self.config.table_slots,
                                                    self.config.table_ttl_ms)
         self.stats_block = stats.StatsBlock.create(self.config.name, STATS_REGIONS)
@@ -105,18 +100,31 @@ class Master:
             "functions": lambda req: {"functions": self.describe_functions()},
         })
 
+    def install_kernel_state(self, config: Config) -> None:
+        """Interception (kernelsetup) and, off-path, return routing (returnpath). Both
+        first remove what a crashed predecessor may have left."""
+        self.kernel_installed = kernel_config(config)
+        kernelsetup.install(self.kernel_installed)
+        returnpath.remove(config.name, config.fwmark, self.kernel_installed.rule_priority)
+        if config.return_mode != "on-path":
+            returnpath.install(config.name, config.fwmark, self.kernel_installed.rule_priority)
+
+    def remove_kernel_state(self) -> None:
+        if self.kernel_installed is None:
+            return
+        kernel, self.kernel_installed = self.kernel_installed, None
+        returnpath.remove(kernel.name, kernel.fwmark, kernel.rule_priority)
+        kernelsetup.remove(kernel)
+
     def teardown(self) -> None:
         """Stops every child, then removes kernel state and shared memory. Always runs."""
         self.stop_children(graceful=False, timeout=5.0)
         if self.control is not None:
             self.control.close()
-        if self.kernel_installed is not None:
-            try:
-                returnpath.remove(self.config.name, self.config.fwmark,
-                                  self.kernel_installed.rule_priority)
-                kernelsetup.remove(self.kernel_installed)
-            except Exception:  # noqa: BLE001 - keep tearing down the rest
-                log.exception("removing kernel state failed")
+        try:
+            self.remove_kernel_state()
+        except Exception:  # noqa: BLE001 - keep tearing down the rest
+            log.exception("removing kernel state failed")
         if self.srh_table is not None:
             self.srh_table.close()
         _srhtable.unlink(self.config.name)
@@ -178,9 +186,11 @@ class Master:
                 continue
             log.warning("%s %d (pid %d) died with %s; restarting", child.kind, child.index,
                         pid, code)
-            # Consecutive boot failures (say, the port is taken) end the master instead
-            # of re-forking forever; any other death resets the count.
-            self.boot_failures = self.boot_failures + 1 if code == EXIT_BOOT_FAILED else 0
+            # Consecutive worker boot failures (say, the port is taken) end the master
+            # instead of re-forking forever; any other death resets the count. A capture
+            # that cannot bind yet (its predecessor still holds the queue) just retries.
+            if child.kind == "worker":
+                self.boot_failures = self.boot_failures + 1 if code == EXIT_BOOT_FAILED else 0
             self.restart_at[(child.kind, child.index)] = time.monotonic() + (
                 RESTART_BACKOFF if time.monotonic() - child.started < 5 else 0)
 
@@ -216,11 +226,18 @@ class Master:
         if new.name != self.config.name or new.control != self.config.control:
             log.error("reload refused: --name and --control cannot change at run time")
             return
-        if new_kernel != old_kernel:
-            kernelsetup.remove(old_kernel)
-            kernelsetup.install(new_kernel)
-            self.kernel_installed = new_kernel
+        capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
+                            "fwmark", "return_mode")
+        capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
+        if new_kernel != old_kernel or new.return_mode != self.config.return_mode:
+            self.remove_kernel_state()
+            self.install_kernel_state(new)
         self.config = new
+        if capture_changed:
+            # The capture reads its settings at start: replace it. The new one binds the
+            # queue once the old one has let go (restart backoff, then retries).
+            self.signal_children(signal.SIGTERM, kinds=("capture",))
+            self.restart_at[("capture", 0)] = time.monotonic() + RESTART_BACKOFF
         for pid, child in self.children.items():
             if child.kind == "worker":
                 child.stopping = True

@@ -319,3 +319,32 @@ def test_workers_that_cannot_boot_stop_the_master_with_a_clear_error(line):
     assert result.returncode == 1
     assert "failed to boot" in result.stderr and "Address already in use" in result.stderr
     assert kernel_state(p1, name) == before
+
+
+def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
+    """A reload that changes the queue number and the return mode reinstalls the kernel
+    state and restarts the capture on the new queue; nothing of the old set-up is left."""
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    config = tmp_path / "pipesd.toml"
+    config.write_text("queue_num = 0\n")
+    name = name_for("hupk")
+    before = kernel_state(p1, name)
+    proxy = Pipesd(p1, tb.locator("p1"), name, extra=("--config", str(config)))
+    try:
+        assert roundtrip_ok(lab, tb)
+        config.write_text('queue_num = 3\nreturn_mode = "reverse"\n')
+        proxy.proc.send_signal(signal.SIGHUP)
+
+        def reloaded():
+            rules = p1.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout
+            routing = p1.run(["ip", "-6", "rule"]).stdout
+            return "--queue-num 3" in rules and "lookup main" in routing
+        assert wait_for(reloaded, 10)
+        hits = proxy.stats()["totals"]["worker"]["table_hits"]
+        # The new capture binds queue 3 within its restart backoff; then SYNs hit the table.
+        assert wait_for(lambda: roundtrip_ok(lab, tb) and
+                        proxy.stats()["totals"]["worker"]["table_hits"] > hits, 15)
+    finally:
+        proxy.stop()
+    assert kernel_state(p1, name) == before
