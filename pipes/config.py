@@ -91,6 +91,8 @@ SETTINGS: tuple[Setting, ...] = (
             "firewall mark that sends intercepted packets to the local table", "MARK"),
     Setting("route_table", "--route-table", 100, _positive_int,
             "routing table holding the 'local ::/0' route", "TABLE"),
+    Setting("rule_priority", "--rule-priority", 100, _positive_int,
+            "priority of the fwmark rule (off-path return rules take the two below it)", "PRIO"),
     Setting("table_slots", "--table-slots", 65536, _positive_int,
             "slots of the shared-memory SRH table", "N"),
     Setting("table_ttl_ms", "--table-ttl-ms", 30000, _positive_int,
@@ -126,6 +128,7 @@ class Config:
     queue_num: int
     fwmark: int
     route_table: int
+    rule_priority: int
     table_slots: int
     table_ttl_ms: int
     return_mode: str

@@ -37,7 +37,7 @@ HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
     return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
                                     queue_num=config.queue_num, fwmark=config.fwmark,
-                                    table=config.route_table)
+                                    table=config.route_table, rule_priority=config.rule_priority)
 
 
 @dataclasses.dataclass
