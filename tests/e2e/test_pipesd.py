@@ -215,3 +215,15 @@ def test_client_port_reuse_after_server_closed_first(lab):
         assert time.monotonic() - started < 1.0
         time.sleep(0.05)    # let the proxy's side reach TIME_WAIT
     assert lab.proxies["p1"].stats()["srh_table"]["time_wait_retired"] >= before + 3
+
+
+def test_client_port_reuse_after_client_closed_first(lab):
+    """The client closes first, so the proxy's onward socket (client address and port ->
+    server) holds TIME_WAIT; the next connection from the same port must still get through."""
+    for _ in range(4):
+        started = time.monotonic()
+        sock = lab.connect([lab.address("p1", "identity")], timeout=5, source_port=45679)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock)[:64].split()[1] == b"45679"
+        assert time.monotonic() - started < 1.0
+        time.sleep(0.05)
