@@ -46,8 +46,8 @@ def test_64_megabytes_both_ways_through_a_chain(lab, function):
 
 
 def test_server_receives_xored_bytes_through_one_xor_proxy(lab):
-    """Proves xor really transforms (not a silent identity): the reset server reads
-    raw bytes, so use the echo path twice: one xor proxy, then compare the header bytes."""
+    """xor really transforms (it is not a silent identity): the server's plain-text peer
+    header reaches the client xored with the key by the single xor proxy on the way."""
     sock = lab.connect([lab.address("p1", "xor", 0x5A)])
     try:
         raw_header = b""
