@@ -33,6 +33,10 @@ class Pipesd:
                         "--control", self.control, *extra]
         if workers is not None:  # else from the config file or the CPU count
             self.command += ["--workers", str(workers)]
+        if "--drain-timeout" not in extra:
+            # Lab daemons must finish within stop()'s wait, or they are killed before
+            # removing their kernel state and files.
+            self.command += ["--drain-timeout", "5"]
         self.proc = host.popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT)
         self.wait_ready()
 

@@ -77,7 +77,7 @@ class ReturnRoutes:
         self.rule_priority = rule_priority
         self.mode = mode
         self.plan = plan
-        self.state_path = state_dir / f"{name}-return-paths.json"
+        self.state_path = _state_file(state_dir, name, "return-paths.json")
         self.paths: dict[tuple[str, ...], int] = {}
         if self.state_path.exists():  # capture restarted: connections still use old marks
             for key, path_id in json.loads(self.state_path.read_text()).items():
@@ -118,6 +118,14 @@ class ReturnRoutes:
         log.info("return path %d: replies via %s (table %d)", path_id, " ".join(segments), table)
 
 
+def _state_file(state_dir: Path, name: str, what: str) -> Path:
+    """Per network namespace and instance, like kernelsetup's state file: instances of the
+    same name in two namespaces must not share saved values."""
+    from .kernelsetup import netns_inode
+
+    return state_dir / f"{netns_inode()}-{name}-{what}"
+
+
 def path_rule(fwmark: int, rule_priority: int, path_id: int) -> dict:
     return dict(family=socket.AF_INET6, iifname="lo", priority=rule_priority - 2,
                 fwmark=(path_id << MARK_SHIFT) | fwmark, fwmask=0xFFFF0000 | fwmark,
@@ -150,7 +158,7 @@ def install(name: str, fwmark: int, rule_priority: int,
 
     remove(name, fwmark, rule_priority, state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    saved = state_dir / f"{name}-fwmark-accept"
+    saved = _state_file(state_dir, name, "fwmark-accept")
     saved.write_text(Path(FWMARK_ACCEPT).read_text())
     Path(FWMARK_ACCEPT).write_text("1\n")
     with IPRoute() as ipr:
@@ -178,10 +186,10 @@ def remove(name: str, fwmark: int, rule_priority: int,
                     raise
             if TABLE_BASE < table <= TABLE_BASE + MAX_PATHS:
                 ipr.flush_routes(table=table, family=socket.AF_INET6)
-    saved = state_dir / f"{name}-fwmark-accept"
+    saved = _state_file(state_dir, name, "fwmark-accept")
     if saved.exists():
         Path(FWMARK_ACCEPT).write_text(saved.read_text())
         saved.unlink()
-    paths = state_dir / f"{name}-return-paths.json"
+    paths = _state_file(state_dir, name, "return-paths.json")
     if paths.exists():
         paths.unlink()
