@@ -323,6 +323,9 @@ class Worker:
         try:
             server.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The client's port may equal our listeners' port; joining their SO_REUSEPORT
+            # group (same owner) is what lets the bind succeed then.
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server.setblocking(False)
             server.bind((client_addr, client_port))

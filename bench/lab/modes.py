@@ -11,8 +11,10 @@ import signal
 import subprocess
 import time
 
+from srv6pipes.labapps import wait_listening
+
 from .checks import check_http_path, check_xor
-from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT, wait_listening
+from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT
 
 
 class ModeUnavailable(RuntimeError):

@@ -7,28 +7,14 @@ modes change only p1 and the client's route.
 import hashlib
 import os
 import sys
-import time
+
+from srv6pipes.labapps import Lighttpd, wait_listening
 
 HTTP_PORT = 80
 IPERF_PORT = 5201
 BLAST_PORT = 5202
 BLAST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blast.py")
 FILES = {"1KB": 1024, "100KB": 100 * 1024, "10MB": 10 * 1024 * 1024}
-
-LIGHTTPD_CONF = """\
-server.document-root = "{root}"
-server.port = {port}
-server.bind = "[::]"
-server.pid-file = "{workdir}/lighttpd.pid"
-server.errorlog = "{workdir}/lighttpd-error.log"
-server.max-fds = 16384
-server.max-connections = 8192
-server.max-keep-alive-requests = 100000
-server.max-keep-alive-idle = 30
-server.network-backend = "sendfile"
-mimetype.assign = ("" => "application/octet-stream")
-"""
-
 
 class Servers:
     def __init__(self, tb, workdir, pinning):
@@ -45,28 +31,15 @@ class Servers:
             with open(os.path.join(self.root, name), "wb") as f:
                 f.write(data)
             self.sha256[name] = hashlib.sha256(data).hexdigest()
-        conf = os.path.join(self.workdir, "lighttpd.conf")
-        with open(conf, "w") as f:
-            f.write(LIGHTTPD_CONF.format(root=self.root, port=HTTP_PORT, workdir=self.workdir))
         pin = self.pinning.taskset(self.pinning.server_cpus)
-        self.host.popen([*pin, "lighttpd", "-D", "-f", conf])
+        Lighttpd(self.host, self.root, HTTP_PORT, access_log=False, prefix=tuple(pin),
+                 workdir=self.workdir)
         self.host.popen([*pin, "iperf3", "-s", "-p", str(IPERF_PORT)],
                         stdout=open(os.path.join(self.workdir, "iperf3-server.log"), "w"),
                         stderr=open(os.path.join(self.workdir, "iperf3-server.err"), "w"))
         self.host.popen([*pin, sys.executable, BLAST, "serve", str(BLAST_PORT)])
-        for port in (HTTP_PORT, IPERF_PORT, BLAST_PORT):
+        for port in (IPERF_PORT, BLAST_PORT):
             wait_listening(self.host, port)
 
     def url(self, name):
         return f"http://[{self.host.addr}]:{HTTP_PORT}/{name}"
-
-
-def wait_listening(host, port, timeout=10.0):
-    """Return once something in ``host`` listens on TCP ``port``; raise after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = host.run(["ss", "-Htln", f"sport = :{port}"], check=False).stdout
-        if out.strip():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} in {host.ns} after {timeout}s")

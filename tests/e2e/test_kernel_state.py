@@ -231,7 +231,7 @@ def test_rules_in_recipe_order():
     text = kernelsetup.render_ruleset(cfg_for(), "ip6tables-legacy")
     tproxy = text.index("tcp flags & (syn | ack) == syn tproxy ip6 to :5000")
     mark = text.index("ip6 daddr fc00:1::/80 meta l4proto tcp meta mark set")
-    sock = text.index("socket transparent 1 meta mark set")
+    sock = text.index("socket transparent 1 socket wildcard 0 meta mark set")
     assert tproxy < mark < sock
     assert "@" not in text.replace("#@", "")
 

@@ -227,3 +227,13 @@ def test_client_port_reuse_after_client_closed_first(lab):
         assert read_to_eof(sock)[:64].split()[1] == b"45679"
         assert time.monotonic() - started < 1.0
         time.sleep(0.05)
+
+
+def test_client_port_equal_to_the_proxy_listener_port(lab):
+    """The onward socket binds the client's port; when it is also the port of the proxy's
+    own transparent listeners (7000) the bind must not conflict with them."""
+    sock = lab.connect([lab.address("p1", "xor", 4)], timeout=5, source_port=7000)
+    sock.sendall(b"ping")
+    sock.shutdown(socket.SHUT_WR)
+    received = read_to_eof(sock)
+    assert xor_bytes(received[:64], 4).split()[1] == b"7000" and received[64:] == b"ping"
