@@ -94,11 +94,6 @@ class WorkerRegion:
     def get(self, name: str) -> int:
         return self.words[WORKER_INDEX[name]]
 
-    def reset(self) -> None:
-        """Zeroes the region; called by the master before (re)starting its worker."""
-        for index in range(len(self.words)):
-            self.words[index] = 0
-
     def flows_died(self) -> None:
         """The worker is gone and its flows with it: they are no longer active."""
         active = _relay.FUNCTION_COUNTERS.index("flows_active")

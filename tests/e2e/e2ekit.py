@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import struct
 import threading
@@ -212,21 +213,30 @@ def connection_outcome(make_socket, target, timeout=5.0) -> str:
         sock.close()
 
 
-def kernel_state(host, name: str) -> dict:
-    """Everything pipesd may touch in a namespace, as text to compare."""
+def kernel_snapshot(host) -> dict[str, str]:
+    """Everything the recipe may touch in a namespace, as text, without counters."""
     def out(cmd):
         return host.run(cmd, check=False).stdout
 
-    sysctls = out(["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/seg6_enabled "
-                               "/proc/sys/net/ipv6/conf/all/forwarding "
-                               "/proc/sys/net/ipv4/tcp_fwmark_accept"])
-    return {
+    state = {
         "nft": out(["nft", "list", "ruleset"]),
-        "ip6tables": "\n".join(line for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
-                               if not line.startswith("#") and not line.startswith(":")),
+        "ip6tables": "\n".join(re.sub(r"\[\d+:\d+\]", "", line)
+                               for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
+                               if not line.startswith("#")),
         "rules": out(["ip", "-6", "rule"]),
         "routes": out(["ip", "-6", "route", "show", "table", "all"]),
-        "sysctls": sysctls,
+        "fwmark_accept": out(["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+    }
+    for key in ("seg6_enabled", "forwarding"):
+        state[key] = out(["sh", "-c", f"grep -H . /proc/sys/net/ipv6/conf/*/{key}"])
+    return state
+
+
+def kernel_state(host, name: str) -> dict:
+    """kernel_snapshot plus what one pipesd instance named `name` owns outside the kernel
+    tables: its shared memory segments and control socket."""
+    return {
+        **kernel_snapshot(host),
         "shm": sorted(f for f in os.listdir("/dev/shm") if name in f),
         "control": os.path.exists(f"/run/srv6pipes/{name}.sock"),
     }

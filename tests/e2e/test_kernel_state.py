@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import re
 import sys
 import textwrap
 
@@ -18,26 +17,11 @@ import pytest
 from srv6pipes import kernelsetup
 from srv6pipes.kernelsetup import KernelConfig
 
+from e2ekit import kernel_snapshot as snapshot
+
 pytestmark = pytest.mark.e2e
 
 LOCATOR = ipaddress.IPv6Network("fc00:1::/80")
-
-
-def snapshot(host) -> dict[str, str]:
-    """Everything the recipe may touch, as text, without counters and timestamps."""
-    state = {
-        "nft": host.run(["nft", "list", "ruleset"]).stdout,
-        "ip6tables": "\n".join(
-            re.sub(r"\[\d+:\d+\]", "", line)
-            for line in host.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout.splitlines()
-            if not line.startswith("#")
-        ),
-        "rules": host.run(["ip", "-6", "rule"]).stdout,
-        "routes": host.run(["ip", "-6", "route", "show", "table", "all"]).stdout,
-    }
-    for key in ("seg6_enabled", "forwarding"):
-        state[key] = host.run(f"grep -H . /proc/sys/net/ipv6/conf/*/{key}").stdout
-    return state
 
 
 def state_files(host, cfg) -> list[str]:
