@@ -26,6 +26,8 @@ from srv6pipes import _srhtable, capture
 from srv6pipes.ratelimit import RateLimitedLogger
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
 
+from childrun import run_in_child
+
 A = ipaddress.IPv6Address
 CLIENT = A("fc00:c::1")
 P1 = A("fc00:1::1")       # "proxy" segments: local addresses of the namespace
@@ -261,30 +263,13 @@ def capture_proc(queued_netns, tmp_path):
 
 def in_netns(netns, func, *args, timeout=30.0):
     """Runs func(*args) in a forked child that joined netns; returns its result."""
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe(duplex=False)
+    def joined():
+        from pyroute2.netns import setns
 
-    def body():
-        try:
-            from pyroute2.netns import setns
+        setns(netns)
+        return func(*args)
 
-            setns(netns)
-            child_end.send(("ok", func(*args)))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            child_end.send(("error", repr(exc)))
-
-    process = ctx.Process(target=body)
-    process.start()
-    try:
-        assert parent_end.poll(timeout), f"child in {netns} did not answer in {timeout}s"
-        status, value = parent_end.recv()
-    finally:
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert status == "ok", value
-    return value
+    return run_in_child(joined, timeout=timeout)
 
 
 def connect_and_echo(srh_bytes, count=1, port=8080):

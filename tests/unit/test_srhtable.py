@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from srv6pipes import _srhtable
 from srv6pipes._srhtable import SrhTable, SrhTableError
 
+from childrun import run_in_child
+
 CLIENT = ipaddress.IPv6Address("fc00:c::1").packed
 SERVER = ipaddress.IPv6Address("fc00:5::80").packed
 SRH_A = bytes(range(40))
@@ -55,32 +57,6 @@ def key(i):
     """A distinct key per integer: client address, client port, destination, port."""
     client = ipaddress.IPv6Address(f"fc00:c::{i // 40000:x}:{i % 40000 + 1:x}").packed
     return client, 1024 + i % 60000, SERVER, 80 + i % 7
-
-
-def run_in_child(target, *args, timeout=20.0):
-    """Runs target(*args) in a forked process; returns what it returned (or raises)."""
-    ctx = fork_context()
-    parent_end, child_end = ctx.Pipe(duplex=False)
-
-    def body():
-        try:
-            child_end.send(("ok", target(*args)))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            child_end.send(("error", repr(exc)))
-
-    process = ctx.Process(target=body)
-    process.start()
-    try:
-        if not parent_end.poll(timeout):
-            raise AssertionError(f"child did not answer within {timeout}s")
-        status, value = parent_end.recv()
-    finally:
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert status == "ok", value
-    return value
 
 
 # -- basics ---------------------------------------------------------------------------
