@@ -5,7 +5,7 @@
 # Both install what they need first (system packages, Python packages, the Cython build).
 PYTHON ?= python3
 APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
-	libnetfilter-queue-dev libnfnetlink-dev libcap-dev \
+	libnetfilter-queue-dev libnfnetlink-dev libcap-dev zlib1g-dev \
 	curl lighttpd wrk iperf3 haproxy
 STAMP = .deps-installed
 
@@ -32,4 +32,4 @@ bench: build
 	$(PYTHON) bench/run_lab.py
 
 clean:
-	rm -rf build *.egg-info cext/*.c pipes/*.so $(STAMP)
+	rm -rf build *.egg-info cext/*.c pipes/*.so pipes/modules/*.so $(STAMP)

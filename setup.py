@@ -3,12 +3,14 @@
 The package lives in the folder ``pipes/`` but is installed under the import name
 ``srv6pipes``: Python 3.11's standard library already has a module called ``pipes``.
 Every ``cext/NAME.pyx`` is compiled by Cython into the extension ``srv6pipes._NAME``,
-so a fresh clone builds with one command (``pip install -e .``).
+so a fresh clone builds with one command (``pip install -e .``). The example C VF modules
+``cext/examples/NAME.c`` become plain shared objects ``srv6pipes/modules/NAME.so``.
 """
 import glob
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 try:
@@ -17,6 +19,10 @@ except ImportError as exc:  # pragma: no cover - only hit on a machine without C
     raise SystemExit("Cython is needed to build SRv6Pipes: pip install cython") from exc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Libraries an extension links besides libpython, by its .pyx name: _vf has the zlib of
+# compress/decompress and the dlopen of the module loader (in libdl before glibc 2.34).
+LIBRARIES = {"vf": ["z", "dl"]}
 
 
 def cython_extensions():
@@ -28,6 +34,7 @@ def cython_extensions():
                 f"srv6pipes._{name}",
                 [source],
                 include_dirs=["cext"],
+                libraries=LIBRARIES.get(name, []),
                 extra_compile_args=["-O3", "-Wno-unused-function"],
             )
         )
@@ -50,12 +57,31 @@ class build_py_with_kernel(build_py):
             self.copy_file(template, os.path.join(target, os.path.basename(template)))
 
 
+class build_ext_with_vf_modules(build_ext):
+    """Also builds cext/examples/NAME.c into srv6pipes/modules/NAME.so. A VF module is
+    dlopen()ed by path, not imported, so it is a plain shared object without the Python
+    extension suffix. Editable installs (inplace) get a copy next to the sources."""
+
+    def run(self):
+        super().run()
+        build_py = self.get_finalized_command("build_py")
+        for source in sorted(glob.glob(os.path.join("cext", "examples", "*.c"))):
+            name = os.path.splitext(os.path.basename(source))[0] + ".so"
+            target = os.path.join(self.build_lib, "srv6pipes", "modules", name)
+            objects = self.compiler.compile([source], output_dir=self.build_temp,
+                                            include_dirs=["cext"], extra_postargs=["-O2"])
+            self.compiler.link_shared_object(objects, target)
+            if self.inplace:
+                self.copy_file(target, os.path.join(
+                    build_py.get_package_dir("srv6pipes.modules"), name))
+
+
 setup(
     name="srv6pipes",
-    cmdclass={"build_py": build_py_with_kernel},
+    cmdclass={"build_py": build_py_with_kernel, "build_ext": build_ext_with_vf_modules},
     version="0.1.0",
     description="In-network bytestream functions steered by IPv6 Segment Routing",
-    packages=["srv6pipes"],
+    packages=["srv6pipes", "srv6pipes.modules"],
     package_dir={"srv6pipes": "pipes"},
     ext_modules=cython_extensions(),
     python_requires=">=3.11",
