@@ -38,17 +38,39 @@ pipe that still holds bytes (reset flow) is never reused. splice() cannot read p
 data, so at the urgent mark one page is moved with recv() + write() into the empty pipe.
 If pipes cannot be created (EMFILE...) the flow uses the buffer path (splice_fallbacks).
 
-Transforms (buffer path) are a function pointer bound once per flow (relay_impl.h:
-`relay_xform`), called in place on every chunk read; MODE_SPLICE falls back to identity.
+Functions (cext/srv6pipes_vf.h) are bound once per flow in add_flow(): a C descriptor
+(built-in, or from a loaded C module) or a Python function (vfapi.FlowAdapter behind a C
+trampoline that takes the GIL). No function means identity: splice(), or the buffer path
+without a transform if pipes cannot be had. Per direction the loop then takes one of three
+paths:
+
+  splice    identity: src -> pipe -> dst (zero copy);
+  in place  identity without pipes, and PIPES_VF_INPLACE functions (xor, dpi, count): one
+            buffer; each chunk read is transformed where it lies, then written;
+  stream    every other function: an input buffer (bytes read, not yet consumed by the
+            function) and an output buffer (function output not yet written). The function
+            is called when the output buffer is empty and there is new input, or output it
+            still holds (its last call filled the buffer), or EOF to flush; the FIN is
+            forwarded only after the function's EOF flush has been written.
+
+A function's PIPES_VF_RESET resets the flow (vf_resets), PIPES_VF_ERROR or a broken
+contract (stalled, bad return) too (vf_errors); both also count as flows_reset.
 The process must ignore SIGPIPE (Python does): splice() to a reset socket cannot pass
 MSG_NOSIGNAL.
 """
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
+from libc.string cimport memset, memcpy, memmove
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.unistd cimport close
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.stdint cimport uintptr_t
+
+import logging
+
+from .ratelimit import RateLimitedLogger
+from .vfapi import FlowAdapter, FlowInfo, ResetFlow
 
 
 cdef extern from "sys/epoll.h" nogil:
@@ -120,17 +142,12 @@ cdef extern from "sys/socket.h" nogil:
         MSG_DONTWAIT
 
 
-cdef extern from "relay_impl.h" nogil:
-    ctypedef struct relay_xform:
-        int (*process)(relay_xform *x, int direction, unsigned char *buf, size_t len) noexcept nogil
-        uint64_t key
-        uint64_t offset[2]
-    int relay_process_xor(relay_xform *x, int direction, unsigned char *buf, size_t len)
-    void relay_xor_inplace(unsigned char *buf, size_t len, uint8_t key)
+from srv6pipes_vf cimport (pipes_flow_info, pipes_func_desc, vf_process_fn, PIPES_VF_EOF,
+                           PIPES_VF_RESET, PIPES_VF_ERROR, PIPES_VF_INPLACE)
 
 
-MODE_SPLICE = 0
-MODE_XOR = 1
+log = logging.getLogger("srv6pipes.vf")
+rlog = RateLimitedLogger(log)
 
 # The per-function-slot counters, in order; the slot's block starts at slot * len(...).
 # Every flow that add_flow() accepted ends in exactly one of closed / reset / connect_failed;
@@ -145,6 +162,8 @@ FUNCTION_COUNTERS = (
     "bytes_down",
     "splice_fallbacks",
     "flows_rejected",
+    "vf_resets",          # the function asked for a reset (e.g. a DPI block)
+    "vf_errors",          # the function failed: exception, PIPES_VF_ERROR, broken contract
 )
 
 cdef enum:
@@ -157,6 +176,8 @@ cdef enum:
     C_BYTES_DOWN
     C_SPLICE_FALLBACKS
     C_REJECTED
+    C_VF_RESETS
+    C_VF_ERRORS
     N_COUNTERS
 
 assert N_COUNTERS == len(FUNCTION_COUNTERS)
@@ -166,6 +187,12 @@ cdef enum:
     CONNECTING = 1
     OPEN = 2
 
+# How a step ended badly (step results below 0): which counter explains the reset.
+cdef enum:
+    STEP_SOCKET_ERROR = -1
+    STEP_VF_RESET = -2
+    STEP_VF_ERROR = -3
+
 cdef enum:
     PUMP_ROUNDS = 32        # rounds per pump before the flow yields to the ready list
     PIPE_POOL = 64          # empty pipes kept for reuse (2 descriptors each)
@@ -174,6 +201,11 @@ cdef enum:
 # epoll_event.data.u64: generation << 32 | flow index << 1 | side. The generation makes a
 # stale event (a descriptor shared with another process outliving our close) harmless.
 cdef uint64_t LISTENER_TOKEN = 0xFFFFFFFFFFFFFFFFULL
+cdef uint64_t WATCHED_TOKEN = 0xFFFFFFFFFFFFFFFEULL
+
+# poll() results, or-ed
+LISTENER_READY = 1
+WATCHED_READY = 2
 
 cdef int CAN_READ = EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLERR | EPOLLHUP
 # After these a short read does not prove the receive queue empty (a FIN or an error must
@@ -183,13 +215,19 @@ cdef int CAN_WRITE = EPOLLOUT | EPOLLERR | EPOLLHUP
 
 
 cdef struct Dir:
-    unsigned char *buf      # buffer path: pending bytes are buf[start:start + pending]
-    size_t start
-    size_t pending          # bytes read from src, not yet written to dst (buffer or pipe)
-    int pipe_r              # splice path: the pipe, -1 on the buffer path
+    unsigned char *buf      # splice-less paths: bytes read, buf[start:start + pending] (in
+    size_t start            #   place: ready to write; stream: not yet consumed by the function)
+    size_t pending          # in place / splice: bytes read from src, not yet written to dst
+    unsigned char *obuf     # stream path: function output obuf[ostart:ostart + olen] to write
+    size_t ostart
+    size_t olen
+    int pipe_r              # splice path: the pipe, -1 on the buffer paths
     int pipe_w
     size_t pipe_cap
     bint eof                # src returned EOF
+    bint more               # stream: the function's last call filled obuf; call it again
+    bint starved            # stream: the function made no progress on what it has; wait for input
+    bint flushed            # stream: the EOF flush is complete (nothing more will come out)
     bint done               # FIN forwarded: shutdown(dst, SHUT_WR) done
 
 
@@ -207,8 +245,13 @@ cdef struct Flow:
     int state
     uint32_t gen
     bint use_pipes
+    bint stream             # the stream path (in + out buffer per direction)
     uint64_t *ctr           # this flow's function-slot counters
-    relay_xform xf
+    const pipes_func_desc *fn   # NULL: identity
+    vf_process_fn process   # fn.process, or the Python trampoline
+    void *ctx               # what spawn returned (a FlowAdapter for Python functions)
+    bint py                 # ctx is a Python object we hold a reference to
+    unsigned int tag        # add_flow's tag
     Dir dir[2]
     int next_free
     int ready_prev          # ready list links, valid while queued
@@ -216,14 +259,38 @@ cdef struct Flow:
     bint queued
 
 
-def xor_inplace(unsigned char[::1] buf not None, unsigned int key):
-    """XOR every byte of a writable buffer (bytearray, memoryview) with key & 0xFF in place.
+cdef ssize_t py_process(void *ctx, int direction, const uint8_t *inp, size_t *in_len,
+                        uint8_t *out, size_t out_cap, int flags) noexcept nogil:
+    """The C process of every Python function: runs its FlowAdapter.step with the GIL."""
+    with gil:
+        return _py_step(<object>ctx, direction, inp, in_len, out, out_cap, flags)
 
-    The exact kernel the MODE_XOR buffer path uses; exposed for tests and benchmarks.
-    """
-    if buf.shape[0]:
-        with nogil:
-            relay_xor_inplace(&buf[0], <size_t>buf.shape[0], <uint8_t>(key & 0xFF))
+
+cdef ssize_t _py_step(object adapter, int direction, const uint8_t *inp, size_t *in_len,
+                      uint8_t *out, size_t out_cap, int flags) noexcept:
+    cdef Py_ssize_t n
+    cdef bytes output
+    try:
+        consumed, output = adapter.step(direction, (<const char *>inp)[:in_len[0]],
+                                        bool(flags & PIPES_VF_EOF), out_cap)
+    except ResetFlow as exc:
+        rlog.info("vf-reset", "function %s reset a flow: %s", adapter.function.name, exc)
+        return PIPES_VF_RESET
+    except Exception as exc:  # noqa: BLE001 - a broken function only costs its own flow
+        rlog.warning("vf-error", "function %s failed: %r", adapter.function.name, exc)
+        return PIPES_VF_ERROR
+    n = len(output)
+    if n:
+        memcpy(out, <const char *>output, n)
+    in_len[0] = consumed
+    return n
+
+
+def valid_flow(flow):
+    """add_flow's flow tuple: (client, client_port, server, server_port, function_address)."""
+    return (isinstance(flow, tuple) and len(flow) == 5
+            and all(type(flow[i]) is bytes and len(flow[i]) == 16 for i in (0, 2, 4))
+            and all(type(flow[i]) is int and 0 <= flow[i] < 65536 for i in (1, 3)))
 
 
 cdef inline bint would_block(int err) noexcept nogil:
@@ -355,29 +422,59 @@ cdef class RelayLoop:
         """Flows added and not yet closed."""
         return self.nactive
 
+    def flows_tagged(self, unsigned int tag):
+        """How many open flows carry tag (a scan of the table: for occasional checks)."""
+        cdef int i, n = 0
+        for i in range(self.high_water):
+            if self.flows[i].state != FREE and self.flows[i].tag == tag:
+                n += 1
+        return n
+
+    def watch(self, int fd):
+        """Also wake poll() when fd is readable (level-triggered); poll then reports
+        WATCHED_READY. One watched descriptor at most (the worker's control channel)."""
+        cdef epoll_event ev
+        memset(&ev, 0, sizeof(ev))
+        ev.events = EPOLLIN
+        ev.data.u64 = WATCHED_TOKEN
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "cannot watch the descriptor")
+
     # -- adding a flow -------------------------------------------------------------------
-    def add_flow(self, int client_fd, int server_fd, int mode, unsigned long long key=0,
-                 int slot=0, bint connecting=True):
+    def add_flow(self, int client_fd, int server_fd, int slot=0, uintptr_t function=0,
+                 object pyfunction=None, unsigned int params=0, tuple flow=None,
+                 bint connecting=True, unsigned int tag=0):
         """Hand a flow to the loop, which owns both descriptors from now on.
 
         Both are nonblocking TCP sockets; with connecting=True the server socket has a
-        nonblocking connect() in progress. If the table is full or memory runs out the client
-        is reset, both are closed and flows_rejected is counted (nothing raised). A bad mode
-        or slot is a programming error: both are reset and ValueError is raised.
+        nonblocking connect() in progress. The function is bound here, once:
+          function    address of a C `pipes_func_desc` (srv6pipes._vf), or 0;
+          pyfunction  a vfapi.Function (Python), or None; neither = identity (splice);
+          params      the address's parameter bits, given to spawn;
+          flow        (client, client_port, server, server_port, function_address), the
+                      addresses as 16 packed bytes, for spawn (needed with a function);
+          tag         the caller's label for the flow (the worker: which module), see
+                      flows_tagged().
+        A spawn that fails or refuses resets the flow (vf_errors / vf_resets). If the table is
+        full or memory runs out the client is reset, both are closed and flows_rejected is
+        counted (nothing raised). A bad slot or flow is a programming error: both are reset
+        and ValueError is raised.
         """
         cdef Flow *f
         cdef int idx, d
         cdef uint64_t *ctr
+        cdef const pipes_func_desc *fn = <const pipes_func_desc *>function
+        cdef pipes_flow_info info
         cdef epoll_event ev
-        cdef bint fallback = False
         if self.epfd < 0:
             close_reset(client_fd)
             close_reset(server_fd)
             raise ValueError("RelayLoop is closed")
-        if slot < 0 or slot >= self.nslots or (mode != MODE_SPLICE and mode != MODE_XOR):
+        if slot < 0 or slot >= self.nslots or (fn != NULL and pyfunction is not None) or (
+                (fn != NULL or pyfunction is not None) and not valid_flow(flow)):
             close_reset(client_fd)
             close_reset(server_fd)
-            raise ValueError(f"bad mode {mode} or slot {slot} (nslots={self.nslots})")
+            raise ValueError(f"bad slot {slot} (nslots={self.nslots}), function or flow")
         ctr = self.counters + <size_t>slot * N_COUNTERS
         if self.free_head >= 0:
             idx = self.free_head
@@ -392,12 +489,16 @@ cdef class RelayLoop:
             return
         f = &self.flows[idx]
         memset(&f.dir[0], 0, sizeof(Dir) * 2)
-        memset(&f.xf, 0, sizeof(relay_xform))
         f.fd[0] = client_fd
         f.fd[1] = server_fd
         f.gen += 1
         f.ctr = ctr
         f.queued = False
+        f.fn = NULL
+        f.process = NULL
+        f.ctx = NULL
+        f.py = False
+        f.tag = tag
         for d in range(2):
             f.rd[d] = True
             f.wr[d] = True
@@ -410,7 +511,8 @@ cdef class RelayLoop:
         ctr[C_ACTIVE] += 1
 
         f.use_pipes = False
-        if mode == MODE_SPLICE:
+        f.stream = False
+        if fn == NULL and pyfunction is None:
             f.use_pipes = True
             for d in range(2):
                 if self.fail_pipes_for_testing or self._get_pipe(&f.dir[d]) < 0:
@@ -419,27 +521,58 @@ cdef class RelayLoop:
             if not f.use_pipes:
                 self._close_pipes(f)
                 ctr[C_SPLICE_FALLBACKS] += 1
+        elif fn != NULL:
+            f.fn = fn
+            f.process = fn.process
+            f.stream = not (fn.flags & PIPES_VF_INPLACE)
         else:
-            f.xf.process = relay_process_xor
-            f.xf.key = key & 0xFF
-        if not f.use_pipes:
-            # One allocation for both directions; freed at close.
-            f.dir[0].buf = <unsigned char *>malloc(2 * self.buffer_size)
-            if f.dir[0].buf == NULL:
-                # Undo the start: this flow never existed.
-                ctr[C_STARTED] -= 1
-                ctr[C_ACTIVE] -= 1
-                self.nactive -= 1
-                close_reset(client_fd)
-                close_reset(server_fd)
-                f.fd[0] = -1
-                f.fd[1] = -1
-                f.state = FREE
-                f.next_free = self.free_head
-                self.free_head = idx
-                ctr[C_REJECTED] += 1
+            f.process = py_process
+            f.stream = True
+        if not f.use_pipes and self._alloc_buffers(f) < 0:
+            # Undo the start: this flow never existed.
+            ctr[C_STARTED] -= 1
+            ctr[C_ACTIVE] -= 1
+            self.nactive -= 1
+            close_reset(client_fd)
+            close_reset(server_fd)
+            f.fd[0] = -1
+            f.fd[1] = -1
+            f.state = FREE
+            f.next_free = self.free_head
+            self.free_head = idx
+            ctr[C_REJECTED] += 1
+            return
+
+        # Spawn last: from here on _finish() undoes everything, despawn included.
+        if fn != NULL:
+            memset(&info, 0, sizeof(info))
+            memcpy(info.client, <const char *>flow[0], 16)
+            memcpy(info.server, <const char *>flow[2], 16)
+            memcpy(info.function_address, <const char *>flow[4], 16)
+            info.client_port = flow[1]
+            info.server_port = flow[3]
+            info.params = params
+            f.ctx = fn.spawn(params, &info)
+            if f.ctx == NULL:
+                ctr[C_VF_ERRORS] += 1
+                self._finish(f, C_RESET)
                 return
-            f.dir[1].buf = f.dir[0].buf + self.buffer_size
+        elif pyfunction is not None:
+            try:
+                adapter = FlowAdapter(pyfunction, params, FlowInfo.from_wire(*flow, params))
+            except ResetFlow as exc:
+                rlog.info("vf-reset", "function %s refused a flow: %s", pyfunction.name, exc)
+                ctr[C_VF_RESETS] += 1
+                self._finish(f, C_RESET)
+                return
+            except Exception as exc:  # noqa: BLE001 - a broken spawn only costs its flow
+                rlog.warning("vf-error", "function %s: spawn failed: %r", pyfunction.name, exc)
+                ctr[C_VF_ERRORS] += 1
+                self._finish(f, C_RESET)
+                return
+            Py_INCREF(adapter)
+            f.ctx = <void *>adapter
+            f.py = True
 
         memset(&ev, 0, sizeof(ev))
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET
@@ -454,7 +587,8 @@ cdef class RelayLoop:
     # -- polling ---------------------------------------------------------------------------
     def poll(self, int timeout_ms):
         """One epoll_wait (timeout_ms, -1 = forever) and every flow event handled in C,
-        without the GIL. Returns True when the listening socket is readable."""
+        without the GIL. Returns LISTENER_READY | WATCHED_READY for what Python must serve
+        (0 for nothing)."""
         cdef int r
         if self.epfd < 0:
             raise ValueError("RelayLoop is closed")
@@ -462,14 +596,14 @@ cdef class RelayLoop:
             r = self._poll(timeout_ms)
         if r < 0:
             # EINTR: return so that Python runs its signal handlers.
-            return False
-        return r == 1
+            return 0
+        return r
 
     cdef int _poll(self, int timeout) noexcept nogil:
         cdef int n, i, side, idx, count
         cdef uint64_t token
         cdef uint32_t evs
-        cdef bint listener = False
+        cdef int ready = 0
         cdef Flow *f
         if self.ready_head >= 0:
             timeout = 0
@@ -479,7 +613,10 @@ cdef class RelayLoop:
         for i in range(n):
             token = self.events[i].data.u64
             if token == LISTENER_TOKEN:
-                listener = True
+                ready |= 1
+                continue
+            if token == WATCHED_TOKEN:
+                ready |= 2
                 continue
             idx = <int>((token >> 1) & 0x7FFFFFFF)
             side = <int>(token & 1)
@@ -503,7 +640,7 @@ cdef class RelayLoop:
             f = &self.flows[self.ready_head]
             self._unqueue(f)
             self._pump(f)
-        return 1 if listener else 0
+        return ready
 
     cdef void _handle(self, Flow *f, int side, uint32_t evs) noexcept nogil:
         cdef int err
@@ -540,10 +677,18 @@ cdef class RelayLoop:
             if f.use_pipes:
                 a = self._step_pipe(f, 0)
                 b = self._step_pipe(f, 1) if a >= 0 else 0
+            elif f.stream:
+                a = self._step_stream(f, 0)
+                b = self._step_stream(f, 1) if a >= 0 else 0
             else:
                 a = self._step_buf(f, 0)
                 b = self._step_buf(f, 1) if a >= 0 else 0
             if a < 0 or b < 0:
+                a = a if a < 0 else b
+                if a == STEP_VF_RESET:
+                    f.ctr[C_VF_RESETS] += 1
+                elif a == STEP_VF_ERROR:
+                    f.ctr[C_VF_ERRORS] += 1
                 self._finish(f, C_RESET)
                 return 1
             if f.dir[0].done and f.dir[1].done:
@@ -557,11 +702,12 @@ cdef class RelayLoop:
                 return 0
 
     cdef int _step_buf(self, Flow *f, int d) noexcept nogil:
-        """One write + one read on direction d through its buffer.
-        Returns 1 on progress, 0 when blocked or finished, -1 on a socket error."""
+        """In place: one write + one read (transformed where it lies) on direction d.
+        Returns 1 on progress, 0 when blocked or finished, a STEP_* error below 0."""
         cdef Dir *x = &f.dir[d]
         cdef int src = d, dst = 1 - d
         cdef ssize_t n
+        cdef int r
         cdef size_t room
         cdef int progress = 0
         if x.done:
@@ -587,10 +733,10 @@ cdef class RelayLoop:
             if room > 0:
                 n = recv(f.fd[src], x.buf + x.start + x.pending, room, MSG_DONTWAIT)
                 if n > 0:
-                    if f.xf.process != NULL:
-                        if f.xf.process(&f.xf, d, x.buf + x.start + x.pending, <size_t>n) < 0:
-                            return -1
-                        f.xf.offset[d] += <uint64_t>n
+                    if f.process != NULL:
+                        r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
+                        if r < 0:
+                            return r
                     x.pending += n
                     progress = 1
                     # A short TCP read means the receive queue was empty: data arriving
@@ -610,6 +756,97 @@ cdef class RelayLoop:
         if x.eof and x.pending == 0:
             if shutdown(f.fd[dst], SHUT_WR) < 0:
                 return -1
+            x.done = True
+            progress = 1
+        return progress
+
+    cdef int _process_inplace(self, Flow *f, int d, unsigned char *p, size_t n) noexcept nogil:
+        """Runs an INPLACE function over the n bytes just read at p. 0, or a STEP_* error."""
+        cdef size_t consumed = n
+        cdef ssize_t r = f.process(f.ctx, d, p, &consumed, p, n, 0)
+        if r == PIPES_VF_RESET:
+            return STEP_VF_RESET
+        if r != <ssize_t>n or consumed != n:
+            return STEP_VF_ERROR
+        return 0
+
+    cdef int _step_stream(self, Flow *f, int d) noexcept nogil:
+        """Stream path: write pending output, read input, let the function turn input into
+        output. Same results as _step_buf."""
+        cdef Dir *x = &f.dir[d]
+        cdef int src = d, dst = 1 - d
+        cdef ssize_t n
+        cdef size_t room, consumed
+        cdef int progress = 0
+        if x.done:
+            return 0
+        if x.olen and f.wr[dst]:
+            n = send(f.fd[dst], x.obuf + x.ostart, x.olen, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n > 0:
+                x.ostart += n
+                x.olen -= n
+                f.ctr[C_BYTES_UP + d] += <uint64_t>n
+                progress = 1
+            elif n < 0:
+                if would_block(errno):
+                    f.wr[dst] = False
+                elif errno == EINTR:
+                    progress = 1
+                else:
+                    return STEP_SOCKET_ERROR
+        if not x.eof and f.rd[src]:
+            if x.pending == 0:
+                x.start = 0
+            elif x.start + x.pending == self.buffer_size:
+                # Unconsumed input at the end of the buffer: move it to the front for room.
+                memmove(x.buf, x.buf + x.start, x.pending)
+                x.start = 0
+            room = self.buffer_size - x.start - x.pending
+            if room > 0:
+                n = recv(f.fd[src], x.buf + x.start + x.pending, room, MSG_DONTWAIT)
+                if n > 0:
+                    x.pending += n
+                    x.starved = False
+                    progress = 1
+                    if <size_t>n < room and not f.hup[src]:
+                        f.rd[src] = False   # a short read: the queue is empty (see _step_buf)
+                elif n == 0:
+                    x.eof = True
+                    progress = 1
+                elif would_block(errno):
+                    f.rd[src] = False
+                elif errno == EINTR:
+                    progress = 1
+                else:
+                    return STEP_SOCKET_ERROR
+        # The function runs once its last output is written: bounded output, no queue.
+        if x.olen == 0 and not x.flushed and (x.eof or x.more or (x.pending and not x.starved)):
+            consumed = x.pending
+            n = f.process(f.ctx, d, x.buf + x.start, &consumed, x.obuf, self.buffer_size,
+                          PIPES_VF_EOF if x.eof else 0)
+            if n == PIPES_VF_RESET:
+                return STEP_VF_RESET
+            if n < 0 or <size_t>n > self.buffer_size or consumed > x.pending:
+                return STEP_VF_ERROR
+            x.start += consumed
+            x.pending -= consumed
+            x.ostart = 0
+            x.olen = <size_t>n
+            x.more = <size_t>n == self.buffer_size
+            if n > 0 or consumed > 0:
+                progress = 1
+            elif x.eof:
+                if x.pending:
+                    return STEP_VF_ERROR    # it will never take the rest: bytes would be lost
+                x.flushed = True
+                progress = 1
+            elif x.pending == self.buffer_size:
+                return STEP_VF_ERROR        # a full buffer it will not consume: stalled
+            else:
+                x.starved = True            # it waits for more input
+        if x.flushed and x.olen == 0:
+            if shutdown(f.fd[dst], SHUT_WR) < 0:
+                return STEP_SOCKET_ERROR
             x.done = True
             progress = 1
         return progress
@@ -761,6 +998,37 @@ cdef class RelayLoop:
             x.pipe_r = -1
             x.pipe_w = -1
 
+    # -- buffers and function contexts -------------------------------------------------------
+    cdef int _alloc_buffers(self, Flow *f) noexcept nogil:
+        """One allocation for every buffer of the flow (freed in _finish): one per direction
+        in place, an input and an output buffer per direction on the stream path."""
+        cdef size_t size = self.buffer_size
+        cdef unsigned char *block = <unsigned char *>malloc((4 if f.stream else 2) * size)
+        if block == NULL:
+            return -1
+        f.dir[0].buf = block
+        f.dir[1].buf = block + size
+        if f.stream:
+            f.dir[0].obuf = block + 2 * size
+            f.dir[1].obuf = block + 3 * size
+        return 0
+
+    cdef void _despawn(self, Flow *f) noexcept nogil:
+        cdef void *ctx = f.ctx
+        f.ctx = NULL
+        if f.py:
+            f.py = False
+            with gil:
+                adapter = <object>ctx
+                try:
+                    adapter.close()
+                except Exception as exc:  # noqa: BLE001 - the flow is gone either way
+                    rlog.warning("vf-error", "function %s: despawn failed: %r",
+                                 adapter.function.name, exc)
+                Py_DECREF(adapter)
+        elif f.fn.despawn != NULL:
+            f.fn.despawn(ctx)
+
     # -- closing ---------------------------------------------------------------------------
 
     cdef void _finish(self, Flow *f, int how) noexcept nogil:
@@ -785,6 +1053,10 @@ cdef class RelayLoop:
             free(f.dir[0].buf)
         f.dir[0].buf = NULL
         f.dir[1].buf = NULL
+        f.dir[0].obuf = NULL
+        f.dir[1].obuf = NULL
+        if f.ctx != NULL:
+            self._despawn(f)
         f.ctr[C_ACTIVE] -= 1
         f.ctr[how] += 1
         f.state = FREE

@@ -3,7 +3,9 @@
 Topology of every test:  client --::1--> [listener, RelayLoop] --127.0.0.1--> backend.
 `Proxy` plays the worker: one thread calls `loop.poll(50)` (the GIL is released inside),
 accepts when the listener is readable, connects onward without blocking and hands both
-descriptors to `add_flow`. `Backend` is a selector-driven server in its own thread whose
+descriptors to `add_flow`. Every transfer test runs the three relay paths: splice (identity),
+in place (the built-in C xor) and stream (a Python function that consumes random partial
+lengths, so the input/output buffer bookkeeping is shaken on every call). `Backend` is a selector-driven server in its own thread whose
 connections are `Peer`s; clients are `Peer`s driven by `run_peers` in the test thread, or
 plain blocking sockets. Every wait is bounded by a deadline.
 """
@@ -22,23 +24,42 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srv6pipes import _relay
+from srv6pipes import _relay, _vf, vfapi
 
 N = len(_relay.FUNCTION_COUNTERS)
 INDEX = {name: i for i, name in enumerate(_relay.FUNCTION_COUNTERS)}
 KEY = 0x5A
-MODES = [pytest.param(_relay.MODE_SPLICE, id="splice"), pytest.param(_relay.MODE_XOR, id="xor")]
+MODES = ["splice", "xor", "stream"]
 MIB = 1 << 20
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+XOR = next(d["address"] for d in _vf.BUILTIN_FUNCTIONS if d["name"] == "xor")
+FLOW = (bytes(16), 1, bytes(16), 2, bytes(16))
 
 
-def key_for(mode):
-    return KEY if mode == _relay.MODE_XOR else 0
+def choppy_process(rng, direction, data, eof):
+    """Identity that takes a random part of what it is offered (all of it at EOF)."""
+    take = len(data) if eof else rng.randint(1, len(data)) if data else 0
+    return take, data[:take]
+
+
+CHOPPY = vfapi.Function(0x7E00, "choppy", choppy_process,
+                        spawn=lambda params, flow: random.Random(params))
+
+
+def function_args(mode, key=KEY):
+    """add_flow keyword arguments that select the relay path of mode."""
+    if mode == "xor":
+        return {"function": XOR, "params": key, "flow": FLOW}
+    if mode == "stream":
+        return {"pyfunction": CHOPPY, "params": key, "flow": FLOW}
+    if isinstance(mode, vfapi.Function):
+        return {"pyfunction": mode, "params": key, "flow": FLOW}
+    return {}
 
 
 def transformed(data, mode):
     """What the relay must deliver for `data` (reference xor via a translation table)."""
-    if mode == _relay.MODE_XOR:
+    if mode == "xor":
         return data.translate(bytes(i ^ KEY for i in range(256)))
     return data
 
@@ -309,7 +330,7 @@ class Proxy:
                  server_rcvbuf=None):
         self.target = target
         self.mode = mode
-        self.key = key_for(mode) if key is None else key
+        self.key = KEY if key is None else key
         self.slot = slot
         self.connecting = connecting
         self.server_rcvbuf = server_rcvbuf
@@ -332,7 +353,7 @@ class Proxy:
     def _run(self):
         try:
             while not self.stop_event.is_set():
-                if self.loop.poll(50):
+                if self.loop.poll(50) & _relay.LISTENER_READY:
                     self._accept()
                 self.polls += 1
                 while not self.calls.empty():
@@ -356,8 +377,8 @@ class Proxy:
             else:
                 server.connect(self.target)
                 server.setblocking(False)
-            self.loop.add_flow(client.detach(), server.detach(), self.mode, self.key,
-                               self.slot, self.connecting)
+            self.loop.add_flow(client.detach(), server.detach(), self.slot,
+                               connecting=self.connecting, **function_args(self.mode, self.key))
 
     def call(self, function, timeout=10.0):
         """Runs function(loop) in the relay thread (the loop is single-threaded)."""
@@ -422,28 +443,8 @@ def check_counters(proxy, flows, closed=None, reset=0, connect_failed=0):
     assert proxy.counter("connect_failed") == connect_failed
 
 
-# -- the xor kernel ----------------------------------------------------------------------------
-@settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=300), key=st.integers(0, 255), skip=st.integers(0, 9))
-def test_xor_inplace_matches_bytewise_reference(data, key, skip):
-    buf = bytearray(b"\xee" * skip + data)  # skip: every alignment of the 8-byte words
-    _relay.xor_inplace(memoryview(buf)[skip:], key)
-    assert buf[:skip] == b"\xee" * skip
-    assert bytes(buf[skip:]) == bytes(b ^ key for b in data)
-
-
-def test_xor_inplace_uses_the_low_key_byte_and_wants_a_writable_buffer():
-    buf = bytearray(range(256)) * 300
-    _relay.xor_inplace(buf, 0x1A5)
-    assert bytes(buf) == bytes(b ^ 0xA5 for b in bytes(range(256)) * 300)
-    _relay.xor_inplace(bytearray(), 7)
-    with pytest.raises((TypeError, ValueError, BufferError)):
-        _relay.xor_inplace(b"read-only", 1)
-
-
 # -- construction ------------------------------------------------------------------------------
-def test_counter_names_and_modes():
-    assert _relay.MODE_SPLICE == 0 and _relay.MODE_XOR == 1
+def test_counter_names():
     assert _relay.FUNCTION_COUNTERS[:8] == (
         "flows_started", "flows_active", "flows_closed", "flows_reset", "connect_failed",
         "bytes_up", "bytes_down", "splice_fallbacks")
@@ -461,7 +462,7 @@ def test_constructor_checks_the_counters_buffer():
         words = memoryview(bytearray(3 * N * 8)).cast("Q")
         loop = _relay.RelayLoop(listener.fileno(), words, 3, max_flows=8)
         assert loop.active_flows == 0
-        assert loop.poll(0) is False
+        assert loop.poll(0) == 0
         loop.close()
         loop.close()  # idempotent
         with pytest.raises(ValueError):
@@ -478,10 +479,10 @@ def test_bad_slot_raises_and_closes_both_descriptors():
         before = open_fds()
         a, b = socket.socketpair()
         with pytest.raises(ValueError):
-            loop.add_flow(a.detach(), b.detach(), _relay.MODE_SPLICE, 0, 1, False)
+            loop.add_flow(a.detach(), b.detach(), 1, connecting=False)
         c, d = socket.socketpair()
-        with pytest.raises(ValueError):
-            loop.add_flow(c.detach(), d.detach(), 7, 0, 0, False)
+        with pytest.raises(ValueError):  # a function needs the flow's addresses
+            loop.add_flow(c.detach(), d.detach(), 0, function=XOR, connecting=False)
         assert open_fds() == before
         loop.close()
 
@@ -530,7 +531,7 @@ def test_tiny_buffers_and_pipes_keep_the_stream_intact(env, mode):
 def test_xor_key_uses_the_low_byte_and_zero_is_identity(env):
     for key, expected_up in ((0, b"ping"), (0x120, bytes(b ^ 0x20 for b in b"ping"))):
         backend = env.backend(lambda sock: Peer(sock, b"pong"))
-        proxy = env.proxy(backend.address, _relay.MODE_XOR, key=key)
+        proxy = env.proxy(backend.address, "xor", key=key)
         client = Peer(proxy.connect(), b"ping")
         run_peers([client])
         (server,) = backend.wait_peers(1)
@@ -629,7 +630,10 @@ def test_half_close_by_the_server_keeps_the_upstream_flowing(env, mode):
     backend = env.backend(lambda sock: Peer(sock, b"hello"))
     proxy = env.proxy(backend.address, mode)
     sock = proxy.connect()
-    assert sock.recv(100) == transformed(b"hello", mode)
+    received = b""
+    while len(received) < 5:  # the stream path may deliver it in pieces
+        received += sock.recv(100)
+    assert received == transformed(b"hello", mode)
     assert sock.recv(100) == b""  # the FIN came through
     upload = os.urandom(2 * MIB)
     sock.sendall(upload)
@@ -697,7 +701,10 @@ def test_client_rst_after_its_fin_still_resets_the_server(env, mode):
         server, _ = listener.accept()
     with server:
         server.settimeout(5)
-        assert server.recv(100) == transformed(b"bye", mode)
+        received = b""
+        while len(received) < 3:  # the stream path may deliver it in pieces
+            received += server.recv(100)
+        assert received == transformed(b"bye", mode)
         assert server.recv(100) == b""
         time.sleep(0.05)
         assert proxy.loop.active_flows == 1
@@ -731,7 +738,7 @@ def test_client_gives_up_while_connecting(env):
             filler.connect_ex(stuck.getsockname())
             fillers.append(filler)
         time.sleep(0.1)
-        proxy = env.proxy(stuck.getsockname(), _relay.MODE_SPLICE)
+        proxy = env.proxy(stuck.getsockname(), "splice")
         sock = proxy.connect()
         assert wait_until(lambda: proxy.loop.active_flows == 1)
         time.sleep(0.1)
@@ -745,7 +752,7 @@ def test_client_gives_up_while_connecting(env):
 def test_shutdown_resets_or_closes_open_flows(env):
     backend = env.backend(lambda sock: Peer(sock, hold=True))
     for reset in (True, False):
-        proxy = env.proxy(backend.address, _relay.MODE_XOR)
+        proxy = env.proxy(backend.address, "xor")
         socks = [proxy.connect() for _ in range(3)]
         for sock in socks:
             sock.sendall(b"x")
@@ -765,13 +772,13 @@ def test_shutdown_resets_or_closes_open_flows(env):
 
 # -- splice fallback and table limits ----------------------------------------------------------
 def test_splice_fallback_uses_the_buffer_path(env):
-    proxy = transfer_both_ways(env, _relay.MODE_SPLICE, MIB, fail_pipes=True)
+    proxy = transfer_both_ways(env, "splice", MIB, fail_pipes=True)
     assert proxy.counter("splice_fallbacks") == 1
 
 
 def test_full_table_resets_the_client_and_counts_it(env):
     backend = env.backend(lambda sock: Peer(sock))  # FINs at once, closes after the client
-    proxy = env.proxy(backend.address, _relay.MODE_SPLICE, max_flows=2)
+    proxy = env.proxy(backend.address, "splice", max_flows=2)
     kept = [proxy.connect() for _ in range(2)]
     assert wait_until(lambda: proxy.loop.active_flows == 2)
     expect_reset(proxy)
@@ -785,7 +792,7 @@ def test_full_table_resets_the_client_and_counts_it(env):
 
 def test_counters_go_to_the_flow_slot(env):
     backend = env.backend(lambda sock: Peer(sock, b"abc"))
-    proxy = env.proxy(backend.address, _relay.MODE_XOR, slot=1, nslots=2)
+    proxy = env.proxy(backend.address, "xor", slot=1, nslots=2)
     client = Peer(proxy.connect(), b"hello")
     run_peers([client])
     assert wait_until(lambda: proxy.loop.active_flows == 0)
@@ -823,7 +830,7 @@ def test_no_descriptor_leak():
     closed_port = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     closed_port.bind(("127.0.0.1", 0))
     try:
-        for mode in (_relay.MODE_SPLICE, _relay.MODE_XOR):
+        for mode in MODES:
             proxy = Proxy(backend.address, mode)
             refusing = Proxy(closed_port.getsockname(), mode)
             try:
@@ -896,7 +903,7 @@ def test_pipes_of_reset_flows_are_not_reused(env):
             return Peer(sock, os.urandom(4 * MIB), hold=True)  # fills the pipe, never FINs
         return Peer(sock, b"clean reply")
     backend = env.backend(make)
-    proxy = env.proxy(backend.address, _relay.MODE_SPLICE)
+    proxy = env.proxy(backend.address, "splice")
     stalled = proxy.connect()  # never reads: the down pipe fills up
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     assert wait_until(lambda: backend.peers and backend.peers[0].sent > 2 * MIB)
@@ -912,7 +919,7 @@ def test_pipes_of_reset_flows_are_not_reused(env):
 
 def test_sequential_flows_reuse_pipes_without_growing_descriptors(env):
     backend = env.backend(lambda sock: Peer(sock, b"x" * 5000))
-    proxy = env.proxy(backend.address, _relay.MODE_SPLICE)
+    proxy = env.proxy(backend.address, "splice")
     counts = []
     for i in range(200):
         client = Peer(proxy.connect(), b"y" * 3000)
@@ -950,7 +957,7 @@ def test_urgent_data_neither_stalls_nor_truncates_the_flow(env, mode, fin):
 
 
 @settings(max_examples=25, deadline=None)
-@given(mode=st.sampled_from([_relay.MODE_SPLICE, _relay.MODE_XOR]),
+@given(mode=st.sampled_from(MODES),
        up=st.integers(0, 300_000), down=st.integers(0, 300_000),
        buffer_size=st.sampled_from([64, 1000, 4096, 65536]),
        pipe_size=st.sampled_from([4096, 65536, 1 << 20]),
@@ -972,3 +979,81 @@ def test_random_sizes_buffers_and_close_orders(mode, up, down, buffer_size, pipe
     finally:
         proxy.close()
         backend.close()
+
+
+# -- functions: length changes, EOF flush, resets and errors -----------------------------------
+def test_eof_flush_output_comes_before_the_fin(env):
+    """A function that holds everything until EOF (then emits it reversed, plus a trailer
+    larger than the buffer, handed out in bounded pieces): the FIN follows the last byte."""
+    def hold_until_eof(ctx, direction, data, eof):
+        ctx[direction] += data
+        return (bytes(ctx[direction][::-1]) + b"T" * 100_000) if eof else b""
+
+    function = vfapi.Function(0x7E01, "hold", hold_until_eof,
+                              spawn=lambda params, flow: [bytearray(), bytearray()])
+    up, down = os.urandom(300_000), os.urandom(5000)
+    backend = env.backend(lambda sock: Peer(sock, down))
+    proxy = env.proxy(backend.address, function, buffer_size=4096)
+    client = Peer(proxy.connect(), up)
+    run_peers([client], timeout=60)
+    (server,) = backend.wait_peers(1)
+    assert server.digest == sha(up[::-1] + b"T" * 100_000)
+    assert client.digest == sha(down[::-1] + b"T" * 100_000)
+    check_counters(proxy, 1)
+
+
+@pytest.mark.parametrize("trigger, counter", [(ValueError("bug"), "vf_errors"),
+                                              (vfapi.ResetFlow("blocked"), "vf_resets")])
+def test_function_failure_resets_only_that_flow(env, trigger, counter):
+    def process(ctx, direction, data, eof):
+        if b"!" in data:
+            raise trigger
+        return data
+
+    function = vfapi.Function(0x7E02, "fails", process)
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, function)
+    healthy = Peer(proxy.connect(), b"fine " * 1000)
+    doomed = proxy.connect()
+    doomed.sendall(b"boom!")
+    assert_reset(doomed)
+    run_peers([healthy], timeout=30)
+    assert healthy.error is None and healthy.received == 5000
+    check_counters(proxy, 2, reset=1)
+    assert proxy.counter(counter) == 1
+
+
+def test_a_function_that_never_consumes_a_full_buffer_is_reset(env):
+    stuck = vfapi.Function(0x7E03, "stuck", lambda ctx, direction, data, eof: (0, b""))
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, stuck, buffer_size=4096)
+    sock = proxy.connect()
+    sock.sendall(b"x" * 5000)
+    assert_reset(sock)
+    check_counters(proxy, 1, reset=1)
+    assert proxy.counter("vf_errors") == 1
+
+
+def test_a_spawn_that_raises_resets_the_flow(env):
+    def spawn(params, flow):
+        raise RuntimeError("no")
+
+    function = vfapi.Function(0x7E04, "nospawn", lambda *a: b"", spawn=spawn)
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, function)
+    try:
+        sock = proxy.connect()
+    except ConnectionResetError:  # the RST may beat create_connection's return
+        pass
+    else:
+        assert_reset(sock)
+    check_counters(proxy, 1, reset=1)
+    assert proxy.counter("vf_errors") == 1
+
+
+def assert_reset(sock, timeout=10.0):
+    sock.settimeout(timeout)
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(65536):
+            pass
+    sock.close()
