@@ -55,7 +55,12 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
                         help="control socket of the pipesd instance [default: %(default)s]")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("stats", help="counters: connections, bytes per function, SRH table")
-    sub.add_parser("functions", help="functions the daemon runs")
+    sub.add_parser("functions", help="functions: id, name, module, workers, active flows")
+    load = sub.add_parser("load", help="load a VF module (.so or .py) into every worker")
+    load.add_argument("path", metavar="PATH")
+    unload = sub.add_parser("unload", help="unload a module: no new flows, existing ones "
+                                           "drain, then it is let go")
+    unload.add_argument("module", metavar="NAME")
     sub.add_parser("ping", help="is the daemon alive?")
     address = sub.add_parser("address", help="print the function address for LOCATOR")
     address.add_argument("locator", metavar="LOCATOR")
@@ -70,8 +75,13 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
         return print_address(args)
     from .control import ControlError, request
 
+    fields = {}
+    if args.command == "load":
+        fields["path"] = os.path.abspath(args.path)
+    elif args.command == "unload":
+        fields["module"] = args.module
     try:
-        reply = request(args.control, args.command)
+        reply = request(args.control, args.command, timeout=30.0, **fields)
     except ControlError as exc:
         print(f"pipesctl: {exc}", file=sys.stderr)
         return 1

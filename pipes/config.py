@@ -60,6 +60,16 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return validate
 
 
+def _optional_path(value: Any) -> str | None:
+    text = str(value)
+    return os.path.abspath(text) if text else None
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(os.path.abspath(str(item).strip()) for item in items if str(item).strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
@@ -108,6 +118,15 @@ SETTINGS: tuple[Setting, ...] = (
             "relay buffer per direction for functions that transform bytes", "BYTES"),
     Setting("drain_timeout", "--drain-timeout", 30.0, float,
             "seconds a stopping worker waits for its flows to finish", "SECONDS"),
+    Setting("modules", "--modules", "", _paths,
+            "VF modules (.so or .py) to load at start, comma-separated; more with "
+            "`pipesctl load`", "PATH[,PATH]"),
+    Setting("keyring", "--keyring", "", _optional_path,
+            "key file of the encrypt/decrypt functions: lines 'KEYID HEXKEY' (32-byte keys)",
+            "FILE"),
+    Setting("dpi_patterns", "--dpi-patterns", "", _optional_path,
+            "pattern file of the dpi function: one pattern per line (\\xHH escapes allowed)",
+            "FILE"),
     Setting("log_level", "--log-level", "info", _choice("debug", "info", "warning", "error"),
             "log verbosity", "LEVEL"),
 )
@@ -136,6 +155,9 @@ class Config:
     max_flows: int
     buffer_size: int
     drain_timeout: float
+    modules: tuple[str, ...]
+    keyring: str | None
+    dpi_patterns: str | None
     log_level: str
     config_file: str | None = None
     dry_run: bool = False

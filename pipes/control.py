@@ -109,16 +109,16 @@ def is_live(path: str) -> bool:
         probe.close()
 
 
-def request(path: str, cmd: str, timeout: float = 5.0, **fields) -> dict:
+def request(socket_path: str, cmd: str, timeout: float = 5.0, **fields) -> dict:
     """pipesctl side: sends one command, returns the reply dict or raises ControlError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        sock.connect(socket_path)
         sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
         reply = json.loads(read_line(sock) or b"null")
     except (OSError, ValueError) as exc:
-        raise ControlError(f"cannot talk to pipesd on {path}: {exc}") from None
+        raise ControlError(f"cannot talk to pipesd on {socket_path}: {exc}") from None
     finally:
         sock.close()
     if not isinstance(reply, dict) or not reply.get("ok"):

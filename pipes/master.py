@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import select
 import signal
+import socket
 import time
+from typing import Optional
 
 from . import _srhtable, kernelsetup, returnpath, stats
 from .addressplan import AddressPlan
 from .config import Config, ConfigError, build_config
 from .control import ControlServer
-from .functions import FunctionRegistry
+from . import vfmodules
+from .functions import Function, FunctionConflict, FunctionRegistry, check_builtin_files
 from .worker import EXIT_BOOT_FAILED, Worker
 
 log = logging.getLogger("srv6pipes.master")
@@ -32,6 +36,7 @@ HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is kill
 RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
 BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
 HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+WORKER_REPLY_TIMEOUT = 5.0 # seconds a worker has to answer a request (it polls every 0.2 s)
 
 
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
@@ -48,6 +53,7 @@ class Child:
     generation: int
     started: float
     stopping: bool = False
+    channel: Optional[socket.socket] = None   # workers: the master's end of the socketpair
 
 
 class Master:
@@ -55,6 +61,9 @@ class Master:
         self.config = config
         self.cli_values = cli_values
         self.registry = FunctionRegistry()
+        # Loaded modules in load order: name -> {"path", "slots": {function name: slot}}.
+        # Workers forked later load the same list at boot.
+        self.modules: dict[str, dict] = {}
         self.children: dict[int, Child] = {}
         self.signal_queue: list[int] = []
         self.generation = 0
@@ -90,6 +99,15 @@ class Master:
             self.teardown()
 
     def setup(self) -> None:
+        try:
+            check_builtin_files(self.config)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"pipesd: {exc}") from None
+        for path in self.config.modules:
+            try:
+                self.admit_module(path)
+            except (vfmodules.ModuleLoadError, FunctionConflict) as exc:
+                raise SystemExit(f"pipesd: --modules: {exc}") from None
         self.install_kernel_state(self.config)
         self.srh_table = _srhtable.SrhTable.create(self.config.name, self.config.table_slots,
                                                    self.config.table_ttl_ms)
@@ -98,6 +116,8 @@ class Master:
             "ping": lambda req: {"pid": os.getpid(), "name": self.config.name},
             "stats": lambda req: {"stats": self.collect_stats()},
             "functions": lambda req: {"functions": self.describe_functions()},
+            "load": lambda req: self.handle_load(str(req.get("path", ""))),
+            "unload": lambda req: self.handle_unload(str(req.get("module", ""))),
         })
 
     def install_kernel_state(self, config: Config) -> None:
@@ -255,6 +275,9 @@ class Master:
                     signal.signal(getattr(signal, name), signal.SIG_DFL)
                 os.close(self.wake_r)
                 self.control.sock.close()
+                for other in self.children.values():
+                    if other.channel is not None:
+                        other.channel.close()
                 body()
             except BaseException:  # noqa: BLE001 - a child never returns into the master
                 log.exception("%s %d crashed", child.kind, child.index)
@@ -287,10 +310,19 @@ class Master:
         cpu = cpus[index % len(cpus)]
         region_view = self.stats_block.region(region)
         region_view.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
-        worker = Worker(index, self.config, cpu, self.srh_table, region_view, self.registry)
-        self.fork(Child("worker", index, region, self.generation, time.monotonic()), worker.run)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        modules = [(m["path"], m["slots"]) for m in self.modules.values()]
+        worker = Worker(index, self.config, cpu, self.srh_table, region_view, modules, theirs)
+        child = Child("worker", index, region, self.generation, time.monotonic(), channel=ours)
+        try:
+            self.fork(child, lambda: (ours.close(), worker.run()))
+        finally:
+            theirs.close()
 
     def release_region(self, child: Child) -> None:
+        if child.channel is not None:
+            child.channel.close()
+            child.channel = None
         region = self.stats_block.region(child.region)
         region.flows_died()  # its flows went with it
         region.set("pid", 0)
@@ -372,9 +404,127 @@ class Master:
             "srh_table": self.srh_table.counters(),
             "kernel": stats.kernel_counters(),
             "workers": workers,
+            "function_stats": self.module_stats(),
         }
 
     def describe_functions(self) -> list[dict]:
-        return [{"id": f.function_id, "name": f.name, "description": f.description,
-                 "relay": "splice" if f.relay_mode == 0 else "buffer"}
-                for f in self.registry]
+        """Every function: id, name, module, kind, active flows (all workers), and the
+        workers (indexes) where its module is loaded; draining modules are listed too."""
+        replies = self.ask_workers({"cmd": "modules"})
+        totals = stats.merge([self.stats_block.region(c.region).snapshot(self.registry.slot_names())
+                              for c in self.children.values() if c.kind == "worker"])
+        per_function = totals.get("functions", {})
+        every_worker = sorted(c.index for c in self.live_workers().values())
+        result = []
+        for function in self.registry:
+            entry = function.describe()
+            if function.module == "builtin":
+                entry["workers"] = every_worker
+            else:
+                entry["workers"] = sorted(index for index, reply in replies.items()
+                                          if function.module in reply.get("loaded", {}))
+            entry["active_flows"] = per_function.get(function.name, {}).get("flows_active", 0)
+            result.append(entry)
+        for index, reply in sorted(replies.items()):
+            for name, info in reply.get("draining", {}).items():
+                result.append({"module": name, "draining": True, "worker": index,
+                               "active_flows": info["active_flows"]})
+        return result
+
+    # -- modules ---------------------------------------------------------------------
+    def live_workers(self) -> dict[int, Child]:
+        return {pid: c for pid, c in self.children.items()
+                if c.kind == "worker" and not c.stopping and c.channel is not None}
+
+    def ask_workers(self, request: dict, pids=None) -> dict[int, dict]:
+        """Sends request to every live worker (or those pids); returns {worker index: reply}.
+        A worker that does not answer in time gets {"ok": False, "error": ...}."""
+        children = self.live_workers()
+        if pids is not None:
+            children = {pid: c for pid, c in children.items() if pid in pids}
+        message = json.dumps(request).encode()
+        replies: dict[int, dict] = {}
+        waiting = {}
+        for pid, child in children.items():
+            try:
+                child.channel.send(message)
+                waiting[child.channel] = child
+            except OSError as exc:
+                replies[child.index] = {"ok": False, "error": f"worker unreachable: {exc}"}
+        deadline = time.monotonic() + WORKER_REPLY_TIMEOUT
+        while waiting and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(waiting), [], [], deadline - time.monotonic())
+            for channel in readable:
+                child = waiting.pop(channel)
+                try:
+                    replies[child.index] = json.loads(channel.recv(1 << 20) or b"null") or {
+                        "ok": False, "error": "worker closed its channel"}
+                except (OSError, ValueError) as exc:
+                    replies[child.index] = {"ok": False, "error": f"bad reply: {exc}"}
+        for child in waiting.values():
+            replies[child.index] = {"ok": False, "error": "worker did not answer"}
+            # A late reply would be read as the answer to the next request: drop the channel;
+            # the heartbeat check replaces a stuck worker, and the new one gets a fresh pair.
+            child.channel.close()
+            child.channel = None
+        return replies
+
+    def admit_module(self, path: str) -> tuple[str, list[Function]]:
+        """Checks a module in a throwaway process and reserves its ids, names and slots.
+        Raises ModuleLoadError / FunctionConflict (nothing reserved then)."""
+        path = os.path.abspath(path)
+        name = vfmodules.module_name(path)
+        if name in self.modules:
+            raise FunctionConflict(f"a module named {name!r} is already loaded "
+                                   f"(from {self.modules[name]['path']})")
+        described = vfmodules.probe_module(path)
+        functions = [Function(d["id"], d["name"], d["kind"], module=name,
+                              description=d["description"]) for d in described]
+        limit = 1 << self.config.function_bits
+        for function in functions:
+            if function.function_id >= limit:
+                raise FunctionConflict(f"function {function.name!r}: id {function.function_id:#x} "
+                                       f"does not fit in --function-bits {self.config.function_bits}")
+        self.registry.check_free(functions)
+        registered = [self.registry.register(f) for f in functions]
+        self.modules[name] = {"path": path, "slots": {f.name: f.slot for f in registered}}
+        return name, registered
+
+    def handle_load(self, path: str) -> dict:
+        """pipesctl load: all or nothing; every live worker loads it, or none keeps it."""
+        if not path:
+            raise ValueError("load needs a path")
+        name, functions = self.admit_module(path)
+        entry = self.modules[name]
+        replies = self.ask_workers({"cmd": "load", "path": entry["path"], "slots": entry["slots"]})
+        failed = {index: r["error"] for index, r in replies.items() if not r.get("ok")}
+        if failed:
+            loaded = [pid for pid, c in self.live_workers().items()
+                      if replies.get(c.index, {}).get("ok")]
+            self.ask_workers({"cmd": "unload", "module": name}, pids=loaded)
+            del self.modules[name]
+            self.registry.unregister_module(name)
+            index, error = sorted(failed.items())[0]
+            raise vfmodules.ModuleLoadError(f"worker {index} refused {name!r}: {error}")
+        log.info("loaded module %s from %s: %s", name, entry["path"],
+                 ", ".join(f"{f.name} ({f.function_id:#x})" for f in functions))
+        return {"module": name, "path": entry["path"],
+                "functions": [f.describe() for f in functions],
+                "workers": sorted(replies)}
+
+    def handle_unload(self, name: str) -> dict:
+        """pipesctl unload: the module's functions take no new flow from now on (they are
+        reset as unknown functions); its flows run to their end, then each worker lets the
+        module go. Returns the flows still draining per worker."""
+        if name not in self.modules:
+            raise KeyError(f"no module named {name!r} is loaded")
+        del self.modules[name]
+        self.registry.unregister_module(name)
+        replies = self.ask_workers({"cmd": "unload", "module": name})
+        draining = {index: r.get("active_flows", 0) for index, r in replies.items() if r.get("ok")}
+        log.info("unloading module %s: %d flows draining", name, sum(draining.values()))
+        return {"module": name, "draining_flows": draining}
+
+    def module_stats(self) -> dict:
+        replies = self.ask_workers({"cmd": "module_stats"})
+        return {index: r.get("stats", r) for index, r in sorted(replies.items())}

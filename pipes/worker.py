@@ -9,16 +9,23 @@ Per accepted connection (see `open_flow`):
      destination S:dport (TPROXY kept it);
   2. the SRH comes from the shared table filled by the capture process, or, on a miss,
      from TCP_SAVED_SYN (the kernel's copy of the SYN headers);
-  3. this proxy's segment is decoded into function + parameters;
+  3. this proxy's segment is decoded into function + parameters (functions.py: built-ins and
+     the functions of loaded modules, vfmodules.py);
   4. the onward socket binds C:sport (IPV6_TRANSPARENT), carries the remaining segments
      (IPV6_RTHDR) and connects to S:dport without blocking;
   5. both file descriptors go to the Cython relay loop, which owns them from then on.
 Anything wrong resets the client connection, bumps a counter and logs (rate limited).
+
+The master talks to a worker over a SOCK_SEQPACKET socketpair, one JSON message per request
+(`handle_control`): load / unload a module, list functions, module stats. Unloading drains:
+the module's functions stop taking new flows at once, and the module is let go (deinit,
+dlclose) once its last flow in this worker has closed.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import signal
@@ -29,7 +36,9 @@ import time
 from . import _relay
 from .addressplan import AddressError, AddressPlan
 from .config import Config
-from .functions import MAX_FUNCTION_SLOTS, FunctionRegistry, UnknownFunction
+from . import vfmodules
+from .functions import (KIND_C, KIND_PYTHON, MAX_FUNCTION_SLOTS, FunctionConflict,
+                        FunctionRegistry, UnknownFunction, configure_builtins)
 from .ratelimit import RateLimitedLogger
 from .srh import SRH, SRHError, find_srh
 from .stats import WorkerRegion
@@ -168,13 +177,21 @@ class Worker:
     """Built in the master before fork; everything process-specific happens in run()."""
 
     def __init__(self, index: int, config: Config, cpu: int | None, srh_table,
-                 stats: WorkerRegion, registry: FunctionRegistry):
+                 stats: WorkerRegion, modules: list[tuple[str, dict[str, int]]] = (),
+                 channel: socket.socket | None = None):
         self.index = index
         self.config = config
         self.cpu = cpu
         self.srh_table = srh_table
         self.stats = stats
-        self.registry = registry
+        # Built-ins only: the modules are loaded here, in the master's slots (boot_modules).
+        self.registry = FunctionRegistry()
+        self.boot_modules = list(modules)    # (path, {function name: slot}) from the master
+        self.channel = channel               # our end of the master's socketpair
+        self.modules: dict[str, vfmodules.LoadedModule] = {}
+        self.module_tags: dict[str, int] = {}
+        self.draining: dict[str, vfmodules.LoadedModule] = {}
+        self.next_tag = 1                    # relay flow tag per loaded module; 0 = built-in
         self.plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
         self.listener: socket.socket | None = None
         self.relay = None
@@ -214,6 +231,15 @@ class Worker:
         self.listener = make_listener(self.config.port)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
                                       MAX_FUNCTION_SLOTS, self.config.max_flows, self.config.buffer_size)
+        configure_builtins(self.config)
+        for path, slots in self.boot_modules:
+            try:
+                self.load_module(path, slots)
+            except (vfmodules.ModuleLoadError, FunctionConflict) as exc:
+                # Not fatal: its functions are unknown here; `pipesctl functions` shows it.
+                log.error("worker %d: module %s not loaded: %s", self.index, path, exc)
+        if self.channel is not None:
+            self.relay.watch(self.channel.fileno())
         # A spare descriptor lets us accept-and-reset when descriptors run out, instead of
         # spinning on a listener that stays readable.
         self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -229,8 +255,12 @@ class Worker:
         relay = self.relay
         stats = self.stats
         while True:
-            listener_ready = relay.poll(200)
+            ready = relay.poll(200)
             stats.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
+            if ready & _relay.WATCHED_READY:
+                self.handle_control()
+            if self.draining:
+                self.finish_draining()
             if self.stopping_since is not None:
                 if self.listener is not None:
                     self.listener.close()  # epoll forgets it; kernel queue is not ours now
@@ -241,7 +271,7 @@ class Worker:
                     log.warning("worker %d: drain timeout, resetting %d flows",
                                 self.index, relay.active_flows)
                     return
-            elif listener_ready:
+            elif ready & _relay.LISTENER_READY:
                 self.accept_burst()
 
     def accept_burst(self) -> None:
@@ -300,8 +330,15 @@ class Worker:
                                          route.onward)
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.relay.add_flow(client.detach(), server.detach(), function.relay_mode,
-                                function.relay_key(route.params), function.slot, True)
+            if function.kind == KIND_C or function.kind == KIND_PYTHON:
+                active = route.srh_wire[8 + 16 * route.segments_left:24 + 16 * route.segments_left]
+                flow = (socket.inet_pton(socket.AF_INET6, client_addr), client_port,
+                        socket.inet_pton(socket.AF_INET6, dest_addr), dest_port, active)
+                self.relay.add_flow(client.detach(), server.detach(), function.slot,
+                                    function.address, function.python, route.params, flow,
+                                    True, self.module_tags.get(function.module, 0))
+            else:
+                self.relay.add_flow(client.detach(), server.detach(), function.slot)
         except Rejected as rejected:
             self.stats.add(rejected.counter)
             self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s", client_addr,
@@ -315,6 +352,104 @@ class Worker:
             if server is not None:
                 server.close()
             reset_socket(client)
+
+    # -- modules and the master's requests -------------------------------------------
+    def load_module(self, path: str, slots: dict[str, int]) -> vfmodules.LoadedModule:
+        """Loads path here and registers its functions in the slots the master chose."""
+        name = vfmodules.module_name(path)
+        if name in self.modules or name in self.draining:
+            raise FunctionConflict(f"module {name!r} is loaded or still draining here")
+        module = vfmodules.load_module(path)
+        try:
+            self.registry.check_free(module.functions)
+            if set(slots) != {f.name for f in module.functions}:
+                raise FunctionConflict(f"module {name!r} changed since it was checked")
+        except FunctionConflict:
+            module.unload()
+            raise
+        for function in module.functions:
+            self.registry.register(function, slots[function.name])
+        self.modules[name] = module
+        self.module_tags[name] = self.next_tag
+        self.next_tag += 1
+        return module
+
+    def unload_module(self, name: str) -> int:
+        """Stops new flows of the module at once; returns how many flows it still has here
+        (it is let go when they are gone, see finish_draining)."""
+        module = self.modules.pop(name, None)
+        if module is None:
+            raise KeyError(f"module {name!r} is not loaded")
+        self.registry.unregister_module(name)
+        self.draining[name] = module
+        active = self.relay.flows_tagged(self.module_tags[name])
+        self.finish_draining()
+        return active
+
+    def finish_draining(self) -> None:
+        for name, module in list(self.draining.items()):
+            if self.relay.flows_tagged(self.module_tags[name]) == 0:
+                del self.draining[name]
+                del self.module_tags[name]
+                try:
+                    module.unload()
+                except Exception as exc:  # noqa: BLE001 - deinit failing must not kill us
+                    log.warning("worker %d: module %s deinit failed: %r", self.index, name, exc)
+                log.info("worker %d: module %s unloaded", self.index, name)
+
+    def describe_modules(self) -> dict:
+        flows = {name: self.relay.flows_tagged(tag) for name, tag in self.module_tags.items()}
+        return {"loaded": {name: {"path": m.path, "active_flows": flows[name]}
+                           for name, m in self.modules.items()},
+                "draining": {name: {"path": m.path, "active_flows": flows[name]}
+                             for name, m in self.draining.items()}}
+
+    def module_stats(self) -> dict:
+        from . import _vf, vf_crypto
+
+        result = {"count": _vf.count_snapshot(), "dpi": _vf.dpi_counters(),
+                  "crypto": vf_crypto.stats()}
+        for name, module in self.modules.items():
+            try:
+                extra = module.stats()
+            except Exception as exc:  # noqa: BLE001
+                extra = {"error": repr(exc)}
+            if extra is not None:
+                result[name] = extra
+        return result
+
+    def handle_control(self) -> None:
+        """Serves every request the master has sent (one JSON object per message)."""
+        while True:
+            try:
+                message = self.channel.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not message:  # the master is gone; pdeathsig will end us
+                return
+            try:
+                reply = {"ok": True, **self.control_request(json.loads(message))}
+            except (vfmodules.ModuleLoadError, FunctionConflict, KeyError, ValueError) as exc:
+                reply = {"ok": False, "error": str(exc).strip("'\"")}
+            try:
+                self.channel.send(json.dumps(reply).encode())
+            except OSError:
+                pass
+
+    def control_request(self, request: dict) -> dict:
+        cmd = request.get("cmd")
+        if cmd == "load":
+            module = self.load_module(request["path"], request["slots"])
+            return {"module": module.name}
+        if cmd == "unload":
+            return {"active_flows": self.unload_module(request["module"])}
+        if cmd == "modules":
+            return self.describe_modules()
+        if cmd == "module_stats":
+            return {"stats": self.module_stats()}
+        raise ValueError(f"unknown worker request {cmd!r}")
 
     def connect_onward(self, client_addr: str, client_port: int, dest_addr: str,
                        dest_port: int, onward: bytes | None) -> socket.socket:

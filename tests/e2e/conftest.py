@@ -8,20 +8,28 @@ import pytest
 from srv6pipes.labapps import Pipesd
 from srv6pipes.testbed import Testbed
 
-from e2ekit import EchoServer, Lab
+from e2ekit import DPI_PATTERNS, KEYRING, EchoServer, Lab
 
 
 @pytest.fixture(scope="module")
-def lab():
-    """Module-wide lab: building namespaces and starting pipesd twice costs ~2 s."""
+def lab(tmp_path_factory):
+    """Module-wide lab: building namespaces and starting pipesd twice costs ~2 s. Both
+    proxies share a keyring (encrypt/decrypt) and a dpi pattern file."""
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests build network namespaces: run as root")
+    files = tmp_path_factory.mktemp("lab")
+    keyring, patterns = files / "keyring", files / "dpi-patterns"
+    keyring.write_text(KEYRING)
+    keyring.chmod(0o600)
+    patterns.write_text(DPI_PATTERNS)
+    extra = ("--keyring", str(keyring), "--dpi-patterns", str(patterns))
     with Testbed(proxies=2) as tb:
         proxies = {}
         server = EchoServer(tb.hosts["s"])
         try:
             for name in ("p1", "p2"):
-                proxies[name] = Pipesd(tb.hosts[name], tb.locator(name), f"t{os.getpid()}_{name}")
+                proxies[name] = Pipesd(tb.hosts[name], tb.locator(name), f"t{os.getpid()}_{name}",
+                                       extra=extra)
             yield Lab(tb, proxies, server)
         finally:
             server.close()

@@ -23,7 +23,12 @@ ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
 RESET_PORT = 9001       # reads a little, then resets
 CLOSE_PORT = 9002       # sends the peer header and closes first (HTTP with Connection: close)
 PEER_HEADER = 64        # the server's first bytes: "address port", space padded
-FUNCTIONS = {"identity": 0, "xor": 1}
+FUNCTIONS = {"identity": 0, "xor": 1, "xor-passes": 2, "compress": 3, "decompress": 4,
+             "encrypt": 5, "decrypt": 6, "dpi": 7, "count": 8,
+             "caesar": 0x100, "uncaesar": 0x101, "chaos-py": 0x7F00, "chaos-c": 0x7F01,
+             "faulty": 0x7F02}
+KEYRING = "7 " + "ab" * 32 + "\n"      # key id 7, the lab proxies' shared key
+DPI_PATTERNS = "# the lab's blocked patterns\nFORBIDDEN-PATTERN\n\\xde\\xad\\xbe\\xef\n"
 
 
 def xor_bytes(data: bytes, key: int) -> bytes:

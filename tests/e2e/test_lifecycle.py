@@ -232,7 +232,10 @@ def test_pipesctl_address_and_functions(line):
     proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("fn"))
     try:
         functions = json.loads(proxy.ctl("functions").stdout)
-        assert [(f["id"], f["name"]) for f in functions] == [(0, "identity"), (1, "xor")]
+        assert [(f["id"], f["name"]) for f in functions] == [
+            (0, "identity"), (1, "xor"), (2, "xor-passes"), (3, "compress"), (4, "decompress"),
+            (5, "encrypt"), (6, "decrypt"), (7, "dpi"), (8, "count")]
+        assert all(f["workers"] == [0, 1] and f["module"] == "builtin" for f in functions)
     finally:
         proxy.stop()
 
