@@ -238,9 +238,12 @@ class Master:
         """Reload: new config, new worker generation; old workers drain their flows."""
         try:
             new = build_config(self.cli_values)
-        except ConfigError as exc:
+            check_builtin_files(new)
+        except (ConfigError, OSError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
+        if new.modules != self.config.modules:
+            log.warning("reload: --modules is only read at start; use pipesctl load/unload")
         old_kernel = kernel_config(self.config)
         new_kernel = kernel_config(new)
         if new.name != self.config.name or new.control != self.config.control:
