@@ -97,8 +97,16 @@ def print_address(args) -> int:
 
     try:
         plan = AddressPlan(args.locator, args.function_bits, args.param_bits)
-        function = FunctionRegistry().resolve(args.function)
-        print(plan.encode(function.function_id, int(args.params, 0)))
+        try:
+            function_id = FunctionRegistry().resolve(args.function).function_id
+        except UnknownFunction:
+            # Not a built-in: a number is still fine (a loaded module's function id).
+            try:
+                function_id = int(args.function, 0)
+            except ValueError:
+                raise UnknownFunction(f"no built-in function named {args.function!r} "
+                                      "(give a loaded module's function by its id)") from None
+        print(plan.encode(function_id, int(args.params, 0)))
     except (AddressError, UnknownFunction, ValueError) as exc:
         print(f"pipesctl: {exc}", file=sys.stderr)
         return 2

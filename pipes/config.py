@@ -166,7 +166,7 @@ class Config:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting; defaults stay None so a config file can fill them."""
     for setting in SETTINGS:
-        default = "" if setting.default is None else f" [default: {setting.default}]"
+        default = "" if setting.default in (None, "") else f" [default: {setting.default}]"
         parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar,
                             default=None, help=setting.help + default)
     parser.add_argument("--config", dest="config_file", metavar="FILE",

@@ -3,9 +3,11 @@
     C ---- P1 ---- P2 ---- S          (network namespaces joined by veth pairs)
 
 pipesd runs on P1 and P2. curl on C (unmodified: a seg6 route on C adds the SRH) fetches
-a file from lighttpd on S through [P1 xor 42, P2 xor 42]: P1 scrambles the bytestream,
-P2 unscrambles it, so S gets a valid HTTP request and C gets the original file. Then the
-same through [P1 identity, P2 identity] (splice path). It prints what each side saw.
+a file from lighttpd on S through pairs of functions that undo each other: [P1 xor 42,
+P2 xor 42] (P1 scrambles the bytestream, P2 unscrambles it, so S gets a valid HTTP request
+and C gets the original file), [compress, decompress], [encrypt, decrypt], then the
+example C module vf_caesar loaded into the running daemons ([caesar 7, uncaesar 7]), and
+[identity, identity] (splice path). It prints what each side saw.
 """
 from __future__ import annotations
 
@@ -15,11 +17,16 @@ import sys
 import tempfile
 
 from .addressplan import AddressPlan
-from .functions import FunctionRegistry
 from .labapps import Lighttpd, Pipesd
+from .modules import module_path
 from .testbed import Testbed
 
 FILE_SIZE = 4 * 1024 * 1024
+KEY_ID = 1
+# (function at P1, function at P2, parameters, id of the P1 function, of the P2 function)
+CHAINS = [("xor", "xor", 42, 1, 1), ("compress", "decompress", 6, 3, 4),
+          ("encrypt", "decrypt", KEY_ID, 5, 6), ("caesar", "uncaesar", 7, 0x100, 0x101),
+          ("identity", "identity", 0, 0, 0)]
 
 
 def fetch(tb, url: str) -> tuple[str, str]:
@@ -34,7 +41,7 @@ def print_stats(name: str, stats: dict) -> None:
           f"{worker['accepted']} connections accepted, SRH table: {table['syn_seen']} SYNs "
           f"captured, {worker['table_hits']} hits, {worker['table_misses']} misses")
     for function, counters in sorted(stats["totals"]["functions"].items()):
-        print(f"   {function:9} flows {counters['flows_started']} (closed {counters['flows_closed']}, "
+        print(f"   {function:10} flows {counters['flows_started']} (closed {counters['flows_closed']}, "
               f"reset {counters['flows_reset']}), bytes client->server {counters['bytes_up']}, "
               f"server->client {counters['bytes_down']}")
 
@@ -44,7 +51,10 @@ def main() -> int:
         print("the demo builds network namespaces: run it as root", file=sys.stderr)
         return 2
     docroot = tempfile.mkdtemp(prefix="sp-demo-")
-    payload = os.urandom(FILE_SIZE)
+    keyring = os.path.join(tempfile.mkdtemp(prefix="sp-demo-keys-"), "keyring")
+    with open(os.open(keyring, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+        handle.write(f"{KEY_ID} {os.urandom(32).hex()}\n")
+    payload = os.urandom(FILE_SIZE // 2) + b"compressible text " * (FILE_SIZE // 36)
     with open(os.path.join(docroot, "file.bin"), "wb") as handle:
         handle.write(payload)
     expected = hashlib.sha256(payload).hexdigest()
@@ -54,17 +64,23 @@ def main() -> int:
         print(f"testbed: C {c.addr} -> P1 (locator {tb.locator('p1')}) -> "
               f"P2 (locator {tb.locator('p2')}) -> S {s.addr}")
         server = Lighttpd(s, docroot)
-        proxies = {name: Pipesd(tb.hosts[name], tb.locator(name), f"demo_{name}")
+        proxies = {name: Pipesd(tb.hosts[name], tb.locator(name), f"demo_{name}",
+                                extra=("--keyring", keyring))
                    for name in ("p1", "p2")}
         try:
             url = f"http://[{s.addr}]/file.bin"
-            for function, params in (("xor", 42), ("identity", 0)):
-                function_id = FunctionRegistry().resolve(function).function_id
-                segments = [AddressPlan(tb.locator(n)).encode(function_id, params)
-                            for n in ("p1", "p2")]
+            for first, second, params, first_id, second_id in CHAINS:
+                if first == "caesar":
+                    print(f"\n== pipesctl load {module_path('vf_caesar')}  (on P1 and P2, "
+                          "while they run)")
+                    for proxy in proxies.values():
+                        print("   " + proxy.ctl("load", module_path("vf_caesar")).stdout
+                              .replace("\n", " ")[:150])
+                segments = [AddressPlan(tb.locator("p1")).encode(first_id, params),
+                            AddressPlan(tb.locator("p2")).encode(second_id, params)]
                 tb.steer(client="c", dest="s", segments=segments)
                 print(f"\n== curl {url}  with SRH [{segments[0]}, {segments[1]}, {s.addr}]"
-                      f"  ({function} at P1 and P2)")
+                      f"  ({first} at P1, {second} at P2)")
                 digest, err = fetch(tb, url)
                 match = digest == expected
                 ok &= match
