@@ -3,6 +3,7 @@
 A benchmark that silently measured the router while claiming to measure a proxy (a TPROXY
 rule that does not match, a seg6 route that is not used) would be worse than none.
 """
+import json
 import subprocess
 import sys
 import time
@@ -26,39 +27,53 @@ def check_http_path(lab, mode, attempts=2):
 
 
 def path_evidence(lab, mode):
-    """The 100 KB file arrives intact, and p1 proxies (or only forwards) a bulk transfer.
+    """The 100 KB file arrives intact, and each middlebox proxies (or only forwards) a
+    bulk transfer.
 
     During a 2-second blast transfer (a sender that keeps its connection busy; a download
-    could already sit whole in socket buffers), p1 must hold an established TCP connection
-    on the blast port when ``mode.proxied``, and none while forwarding packets when not.
-    Returns the evidence as a dict.
+    could already sit whole in socket buffers), every host of ``mode.hosts`` (p1, or p1 and
+    p2 for a chain) must hold an established TCP connection on the blast port when
+    ``mode.proxied``, and none while forwarding packets when not.
+    Returns the evidence as a dict (``blast_bytes``: what the transfer delivered).
     """
-    c, p1, s = lab.tb.hosts["c"], lab.tb.hosts["p1"], lab.tb.hosts["s"]
+    c, s = lab.tb.hosts["c"], lab.tb.hosts["s"]
+    boxes = [lab.tb.hosts[name] for name in mode.hosts]
     res = c.run(["sh", "-c", f"curl -sS --max-time 5 {lab.servers.url('100KB')} | sha256sum"],
                 check=False, timeout=15)
     got = res.stdout.split()[0] if res.stdout.split() else ""
     if got != lab.servers.sha256["100KB"]:
         raise CheckFailed(f"{mode.name}: 100KB download corrupted or failed "
                           f"({res.stderr.strip()[-200:]})")
-    forwarded_before = ip6_forwarded(p1)
+    forwarded_before = [ip6_forwarded(box) for box in boxes]
     bulk = c.popen([sys.executable, BLAST, "send", str(s.addr), str(BLAST_PORT), "2", "1"],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
-    sockets = p1.run(["ss", "-Htn", "state", "established",
-                      f"( sport = :{BLAST_PORT} or dport = :{BLAST_PORT} )"]).stdout
-    n_sockets = len(sockets.strip().splitlines())
-    out, err = bulk.communicate(timeout=40)
-    forwarded = ip6_forwarded(p1) - forwarded_before
-    evidence = {"sha256_100KB_ok": True, "p1_established_blast": n_sockets,
-                "p1_forwarded_packets": forwarded,
-                "blast": out.strip()[-200:] or err.strip()[-200:]}
+    n_sockets = [len(box.run(["ss", "-Htn", "state", "established",
+                              f"( sport = :{BLAST_PORT} or dport = :{BLAST_PORT} )"]
+                             ).stdout.strip().splitlines()) for box in boxes]
+    try:
+        out, err = bulk.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        bulk.kill()
+        out, err = bulk.communicate()
+    forwarded = [ip6_forwarded(box) - before for box, before in zip(boxes, forwarded_before)]
+    evidence = {"sha256_100KB_ok": True}
+    for box, n, fwd in zip(mode.hosts, n_sockets, forwarded):
+        evidence[f"{box}_established_blast"] = n
+        evidence[f"{box}_forwarded_packets"] = fwd
+    evidence["blast"] = out.strip()[-200:] or err.strip()[-200:]
+    try:
+        evidence["blast_bytes"] = json.loads(out.strip().splitlines()[-1])["bytes"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        evidence["blast_bytes"] = None
     if bulk.returncode != 0:
         raise CheckFailed(f"{mode.name}: bulk transfer failed ({evidence})")
-    if mode.proxied and n_sockets < 1:
-        raise CheckFailed(f"{mode.name}: p1 holds no TCP connection during a bulk transfer: "
-                          f"traffic is not proxied ({evidence})")
-    if not mode.proxied and (n_sockets or forwarded < 100):
-        raise CheckFailed(f"{mode.name}: p1 does not just forward ({evidence})")
+    for box, n, fwd in zip(mode.hosts, n_sockets, forwarded):
+        if mode.proxied and n < 1:
+            raise CheckFailed(f"{mode.name}: {box} holds no TCP connection during a bulk "
+                              f"transfer: traffic is not proxied there ({evidence})")
+        if not mode.proxied and (n or fwd < 100):
+            raise CheckFailed(f"{mode.name}: {box} does not just forward ({evidence})")
     return evidence
 
 

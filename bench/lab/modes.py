@@ -1,8 +1,9 @@
-"""What the middlebox p1 is during a measurement.
+"""What the middleboxes (p1, and p2 in a chain) are during a measurement.
 
 Each mode has ``setup(lab)``, ``check(lab)`` (prove the traffic takes the mode's path, see
-checks.py) and ``teardown(lab)``, and runs in a fresh testbed. ``proxied`` says whether p1
-terminates the client's TCP connections; ``supports(workload)`` whether the mode can carry it.
+checks.py) and ``teardown(lab)``, and runs in a fresh testbed. ``hosts`` names the
+middleboxes the mode occupies (``("p1",)`` unless said), ``proxied`` whether they terminate
+the client's TCP connections; ``supports(workload)`` whether the mode can carry it.
 """
 import json
 import os
@@ -11,9 +12,11 @@ import signal
 import subprocess
 import time
 
+from srv6pipes.addressplan import AddressError, AddressPlan
+from srv6pipes.functions import FunctionRegistry, UnknownFunction
 from srv6pipes.labapps import wait_listening
 
-from .checks import check_http_path, check_xor
+from .checks import CheckFailed, check_http_path, check_xor
 from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT
 
 
@@ -32,6 +35,7 @@ def unsteer(lab):
 
 class Mode:
     name = "?"
+    hosts = ("p1",)         # the middleboxes this mode configures (and checks)
     proxied = False
     description = ""
     final_stats = None      # what the middlebox reported about itself, recorded in the JSON
@@ -55,9 +59,17 @@ class Mode:
 
 
 class Router(Mode):
-    """Plain IPv6 forwarding in p1: no SRH, static routes c -> p1 -> s."""
+    """Plain IPv6 forwarding in p1 (or in every host of ``hosts``): no SRH, static routes."""
     name = "router"
     description = "p1 forwards (kernel IPv6 routing), no SRH"
+
+    def __init__(self, hosts=("p1",), name=None):
+        self.hosts = tuple(hosts)
+        if name:
+            self.name = name
+        if self.hosts != ("p1",):
+            self.description = (f"{', '.join(self.hosts)} forward (kernel IPv6 routing), "
+                                "no SRH")
 
 
 class RouterSRH(Mode):
@@ -184,20 +196,31 @@ class HAProxy(Mode):
 
 
 class Pipesd(Mode):
-    """pipesd in p1, the client steered through one of its function addresses."""
+    """pipesd in one middlebox (``host``), the client steered through one of its function
+    addresses: ``function`` (a built-in's name or id, see srv6pipes.functions) with
+    ``params`` (the low bits of the address, see srv6pipes.addressplan)."""
     proxied = True
 
-    def __init__(self, function, params=(), workers=2):
-        self.function, self.params, self.workers = function, tuple(params), workers
-        self.name = f"pipesd-{function}"
-        self.description = (f"pipesd --workers {workers} in p1, client SRH "
-                            f"[{function}{''.join(' ' + str(p) for p in params)} @p1, s]")
+    def __init__(self, function, params=0, workers=2, host="p1", name=None):
+        self.function, self.params, self.workers = function, int(params), workers
+        self.host = host
+        self.hosts = (host,)
+        self.name = name or f"pipesd-{function}"
+        self.description = (f"pipesd --workers {workers} in {host}, client SRH "
+                            f"[{self.label()} @{host}, s]")
         self.proc = None
         self.final_stats = None     # pipesctl stats just before the daemon was stopped
-        # Unique per run: other pipesd instances may run on this machine meanwhile.
-        self.daemon_name = f"bench{os.getpid()}"
+        # Unique per run and host: other pipesd instances may run on this machine meanwhile,
+        # and the daemons of a chain share /run and /dev/shm.
+        self.daemon_name = f"bench{os.getpid()}{host}"
         self.control = f"/run/srv6pipes/{self.daemon_name}.sock"
         self.log = None
+
+    def label(self):
+        """The function as written in descriptions: ``xor-passes 0x2a01``, ``identity``."""
+        if not self.params:
+            return str(self.function)
+        return f"{self.function} {self.params if self.params < 256 else hex(self.params)}"
 
     @staticmethod
     def available():
@@ -210,27 +233,41 @@ class Pipesd(Mode):
                 last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
                 raise ModeUnavailable(f"`{prog} --help` fails: {last[0]}")
 
+    def resolved(self):
+        """The built-in function ``self.function`` names (srv6pipes.functions.Function)."""
+        try:
+            return FunctionRegistry().resolve(self.function)
+        except UnknownFunction as exc:
+            raise ModeUnavailable(f"pipesd has no function {self.function!r}: {exc}") from exc
+
     def address(self, lab):
-        """The function address (``pipesctl address LOCATOR FUNCTION PARAMS...``)."""
-        res = subprocess.run(["pipesctl", "address", str(lab.tb.locator("p1")), self.function,
-                              *map(str, self.params)], capture_output=True, text=True, timeout=30)
-        if res.returncode != 0:
-            raise ModeUnavailable(f"pipesctl address failed: {res.stderr.strip()}")
-        return res.stdout.strip()
+        """The function address in the host's locator (default plan: 16 function bits,
+        32 parameter bits, as pipesd runs here)."""
+        try:
+            return str(AddressPlan(lab.tb.locator(self.host)).encode(
+                self.resolved().function_id, self.params))
+        except AddressError as exc:
+            raise ModeUnavailable(f"no address for {self.label()}: {exc}") from exc
 
     def setup(self, lab):
+        self.start(lab)
+        self.steer(lab)
+
+    def start(self, lab):
+        """Start the daemon in ``self.host`` and wait until it answers (no steering)."""
         self.available()
-        p1 = lab.tb.hosts["p1"]
+        self.resolved()
+        host = lab.tb.hosts[self.host]
         os.makedirs(os.path.dirname(self.control), exist_ok=True)
-        self.log = os.path.join(lab.workdir, f"{self.name}.log")
+        self.log = os.path.join(lab.workdir, f"{self.name}-{self.host}.log")
         # pipesd pins worker i to the i-th CPU of its affinity: under taskset -c 1 (split
         # pinning) both workers share CPU 1, unpinned they take one core each.
         cmd = [*lab.pinning.taskset(lab.pinning.middlebox_cpus),
-               "pipesd", "--workers", str(self.workers), "--locator", str(lab.tb.locator("p1")),
+               "pipesd", "--workers", str(self.workers),
+               "--locator", str(lab.tb.locator(self.host)),
                "--port", "7000", "--name", self.daemon_name, "--control", self.control]
-        self.proc = p1.popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        self.proc = host.popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
         self._wait_ready(lab)
-        self.steer(lab)
 
     def steer(self, lab):
         steer(lab, [self.address(lab)])
@@ -251,8 +288,8 @@ class Pipesd(Mode):
 
     def stats(self, lab):
         """pipesctl stats as a dict, or None when the daemon does not answer."""
-        res = lab.tb.hosts["p1"].run(["pipesctl", "--control", self.control, "stats"],
-                                     check=False, timeout=10)
+        res = lab.tb.hosts[self.host].run(["pipesctl", "--control", self.control, "stats"],
+                                          check=False, timeout=10)
         if res.returncode != 0:
             return None
         try:
@@ -260,18 +297,89 @@ class Pipesd(Mode):
         except ValueError:
             return None
 
+    def function_bytes_up(self, lab):
+        """Bytes the function moved client -> server so far (pipesctl stats), 0 if none."""
+        stats = self.stats(lab) or {}
+        functions = stats.get("totals", {}).get("functions", {})
+        return functions.get(self.resolved().name, {}).get("bytes_up", 0)
+
+    def check(self, lab):
+        return check_functions(lab, self, [self])
+
     def teardown(self, lab):
         self.unsteer(lab)
+        self.stop(lab)
+
+    def stop(self, lab):
+        """Record the final stats, stop the daemon (SIGTERM, then SIGKILL after 15 s)."""
         if self.proc is not None:
             self.final_stats = self.stats(lab)
             code = stop(self.proc, timeout=15)
             if code not in (0, -signal.SIGTERM):
-                print(f"   note: pipesd exited with {code}; log: {_tail(self.log)}", flush=True)
+                print(f"   note: pipesd in {self.host} exited with {code}; "
+                      f"log: {_tail(self.log)}", flush=True)
             self.proc = None
 
     def info(self):
-        return {"description": self.description, "function": self.function,
-                "params": list(self.params), "workers": self.workers}
+        return {"description": self.description, "host": self.host,
+                "function": self.function, "params": self.params, "workers": self.workers}
+
+
+class PipesdChain(Mode):
+    """One pipesd per middlebox (the paper's Fig. 10/11: p1 and p2), the client steered
+    through the function address of each in turn: SRH [hop 1, hop 2, ..., s].
+
+    Each hop is a :class:`Pipesd` with its own ``host``. With xor K on both, s receives the
+    client's bytes (and c the server's) unchanged, so any workload can cross the chain.
+    """
+    proxied = True
+
+    def __init__(self, hops, name):
+        self.hops = list(hops)
+        self.hosts = tuple(hop.host for hop in self.hops)
+        self.name = name
+        self.description = ("client SRH [" + ", ".join(f"{hop.label()} @{hop.host}"
+                                                       for hop in self.hops)
+                            + f", s], pipesd --workers {self.hops[0].workers} in each")
+        self.final_stats = None
+
+    def setup(self, lab):
+        for hop in self.hops:
+            hop.start(lab)
+        steer(lab, [hop.address(lab) for hop in self.hops])
+
+    def check(self, lab):
+        return check_functions(lab, self, self.hops)
+
+    def teardown(self, lab):
+        unsteer(lab)
+        for hop in self.hops:
+            hop.stop(lab)
+        self.final_stats = {hop.host: hop.final_stats for hop in self.hops}
+
+    def info(self):
+        return {"description": self.description, "hops": [hop.info() for hop in self.hops]}
+
+
+def check_functions(lab, mode, daemons):
+    """check_http_path, and proof that each daemon's function (not another) carried the
+    check's bulk transfer: its bytes_up counter grew by at least 90% of what blast sent.
+
+    Together with the intact download this shows, e.g., that both hops of an xor chain
+    XORed (one alone would have corrupted the file) and that xor-passes ran its passes
+    rather than the identity splice.
+    """
+    before = [daemon.function_bytes_up(lab) for daemon in daemons]
+    evidence = check_http_path(lab, mode)
+    sent = evidence.get("blast_bytes") or 0
+    for daemon, start in zip(daemons, before):
+        moved = daemon.function_bytes_up(lab) - start
+        evidence[f"{daemon.host}_function_bytes_up"] = {daemon.resolved().name: moved}
+        if sent <= 0 or moved < 0.9 * sent:
+            raise CheckFailed(f"{mode.name}: {daemon.resolved().name} in {daemon.host} moved "
+                              f"{moved} bytes of the check's {sent}: the transfer did not "
+                              f"take that function ({evidence})")
+    return evidence
 
 
 class PipesdXor(Pipesd):
@@ -284,7 +392,7 @@ class PipesdXor(Pipesd):
     """
 
     def __init__(self, key=42, workers=2):
-        super().__init__("xor", params=(key,), workers=workers)
+        super().__init__("xor", params=key, workers=workers)
         self.key = key
 
     def supports(self, workload):

@@ -6,8 +6,9 @@ namespaces share 2 cores, so the placement decides what a ratio means:
 ``split`` (default): c and s (load generator, servers and their TCP stacks) on CPU 0, the
     middlebox p1 alone on CPU 1: its processes are pinned there and RPS on p1's interfaces
     moves p1's packet processing (forwarding for the router, TCP for the proxies) to CPU 1
-    too. This is the paper's question: does one core of middlebox keep up with the
-    endpoints? A ratio below 1 means the middlebox core saturated before the endpoints' core.
+    too (with two middleboxes, p1 and p2 share CPU 1). This is the paper's question: does
+    one core of middlebox keep up with the endpoints? A ratio below 1 means the middlebox
+    core saturated before the endpoints' core.
 ``shared``: load generator on CPU 0, servers on CPU 1, middlebox processes unpinned and
     packet processing wherever the sender runs. Everything competes for both cores, so a ratio
     measures the middlebox's total CPU cost relative to kernel forwarding.
@@ -43,11 +44,16 @@ def apply_rps(tb, pinning):
     """Set rps_cpus on every interface of the hosts named in ``pinning.rps``.
 
     veth delivers through netif_rx, which honours RPS: with a mask set, the receiving
-    namespace's packet processing runs on that CPU instead of the sender's.
+    namespace's packet processing runs on that CPU instead of the sender's. p1's mask is the
+    middlebox's: in a longer line (c - p1 - p2 - s) every proxy host gets it, so all the
+    middleboxes share the middlebox core.
     """
     if not pinning.rps:
         return
-    for name, mask in pinning.rps.items():
+    masks = {name: mask for name, mask in pinning.rps.items() if name in tb.hosts}
+    if "p1" in pinning.rps:
+        masks.update({name: pinning.rps["p1"] for name in tb.proxy_names if name not in masks})
+    for name, mask in masks.items():
         tb.hosts[name].run(
             ["sh", "-c", f"for q in /sys/class/net/*/queues/rx-*/rps_cpus; do "
                          f"echo {mask} > $q; done"])
