@@ -12,6 +12,7 @@ example C module vf_caesar loaded into the running daemons ([caesar 7, uncaesar 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -73,9 +74,11 @@ def main() -> int:
                 if first == "caesar":
                     print(f"\n== pipesctl load {module_path('vf_caesar')}  (on P1 and P2, "
                           "while they run)")
-                    for proxy in proxies.values():
-                        print("   " + proxy.ctl("load", module_path("vf_caesar")).stdout
-                              .replace("\n", " ")[:150])
+                    for name, proxy in proxies.items():
+                        loaded = json.loads(proxy.ctl("load", module_path("vf_caesar")).stdout)
+                        print(f"   {name.upper()}: module {loaded['module']} loaded in workers "
+                              f"{loaded['workers']}: " + ", ".join(
+                                  f"{f['name']} ({f['id']:#x})" for f in loaded["functions"]))
                 segments = [AddressPlan(tb.locator("p1")).encode(first_id, params),
                             AddressPlan(tb.locator("p2")).encode(second_id, params)]
                 tb.steer(client="c", dest="s", segments=segments)
