@@ -105,3 +105,28 @@ def test_count_64k(benchmark, flow):
     driver, chunk = flow("count", 64), os.urandom(CHUNK)
     benchmark(driver.feed, UP, chunk)
     throughput(benchmark, CHUNK)
+
+
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+def test_encrypt_64k_python(benchmark, tmp_path, direction):
+    """encrypt/decrypt are Python functions (cryptography's ChaCha20): measured through
+    vfapi.FlowAdapter.step, the call the relay's trampoline makes per chunk."""
+    from srv6pipes import vf_crypto
+    from srv6pipes.vfapi import FlowAdapter, FlowInfo
+
+    keyring = tmp_path / "keyring"
+    keyring.write_text("1 " + "cd" * 32 + "\n")
+    keyring.chmod(0o600)
+    vf_crypto.configure(str(keyring))
+    function = next(f for f in vf_crypto.FUNCTIONS if f.name == direction)
+    flow = FlowInfo("fd00:c::1", 40000, "fd00:d::1", 80, "fc00:1::5:0:1", 1)
+    adapter = FlowAdapter(function, 1, flow)
+    chunk = os.urandom(CHUNK)
+    if direction == "decrypt":  # the decrypting side first takes the peer's 16-byte salt
+        adapter.step(UP, os.urandom(vf_crypto.SALT_SIZE), False, CHUNK)
+    try:
+        benchmark(adapter.step, UP, chunk, False, CHUNK)
+        throughput(benchmark, CHUNK)
+    finally:
+        adapter.close()
+        vf_crypto.configure(None)
