@@ -4,9 +4,9 @@ A cell is one case of a figure (``mode``) with its samples; ``role`` says whethe
 baseline of its figure (``router``: plain routers, ``identity``: pipesd with the identity
 function) or a function measured against them.
 """
-import json
 import statistics
 
+from . import report
 from .report import disturbed, fmt_rate, median_sample, usable
 
 FIGURE_TITLES = {
@@ -171,12 +171,7 @@ def markdown(results):
 
 
 def write(results, json_path, md_path):
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    text = markdown(results)
-    with open(md_path, "w") as f:
-        f.write(text)
-    return text
+    return report.write(results, json_path, md_path, render=markdown)
 
 
 def plot_fig9(results, path):

@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from run_lab import Lab, load_testbed, prepare_endpoints  # noqa: E402
-from lab.modes import Pipesd, PipesdXor  # noqa: E402
+from lab.modes import Pipesd, PipesdXor, make_mode  # noqa: E402
 from lab.pinning import PINNINGS  # noqa: E402
 from lab.workloads import blast_workloads, iperf3_workloads, wrk_workloads  # noqa: E402
 
@@ -49,11 +49,19 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--mtu", type=int, default=9000)
     ap.add_argument("--keep-data", action="store_true", help="keep perf.data next to the report")
+    ap.add_argument("--mode", default=None,
+                    help="profile another lab mode instead (e.g. haproxy); implies --cpu")
+    ap.add_argument("--cpu", action="store_true",
+                    help="record the whole middlebox CPU (softirqs, capture, every process) "
+                         "instead of the pipesd workers: the fair view to compare modes")
     args = ap.parse_args()
     workloads = {w.name: w for w in iperf3_workloads() + blast_workloads() + wrk_workloads()}
     if args.workload not in workloads:
         ap.error(f"--workload: one of {', '.join(workloads)}")
-    mode = PipesdXor() if args.function == "xor" else Pipesd("identity")
+    if args.mode:
+        mode, args.cpu = make_mode(args.mode), True
+    else:
+        mode = PipesdXor() if args.function == "xor" else Pipesd("identity")
     if not mode.supports(workloads[args.workload]):
         ap.error(f"{mode.name} cannot run {args.workload} (xor changes the bytes: use blast-*)")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -67,16 +75,18 @@ def main():
         mode.setup(lab)
         try:
             print("check:", mode.check(lab), flush=True)
-            pids = worker_pids(tb.hosts["p1"])
-            if not pids:
+            pids = [] if args.cpu else worker_pids(tb.hosts["p1"])
+            if not pids and not args.cpu:
                 raise SystemExit("no pipesd worker found in p1")
+            cpu = PINNINGS["split"].middlebox_cpus if args.cpu else None
+            target = ["-a", "-C", cpu] if args.cpu else ["-p", ",".join(pids)]
             result = {}
             load = threading.Thread(target=lambda: result.update(
                 workloads[args.workload].run(lab, args.seconds + 2)))
             load.start()
             time.sleep(1)                # record the steady state, not the ramp-up
             rec = subprocess.run(["perf", "record", "-e", args.event, "-g", "-o", data,
-                                  "-p", ",".join(pids), "--", "sleep", str(args.seconds)],
+                                  *target, "--", "sleep", str(args.seconds)],
                                  capture_output=True, text=True)
             load.join()
         finally:
@@ -85,11 +95,13 @@ def main():
         raise SystemExit(f"perf record failed: {rec.stderr.strip()[-500:]}")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     out = os.path.join(RESULTS_DIR, f"perf-{stamp}-{mode.name}-{args.workload}.txt")
-    header = (f"# perf record -e {args.event} -g, pipesd workers {pids}, {mode.name}, "
+    what = f"CPU {cpu}" if args.cpu else f"pipesd workers {pids}"
+    header = (f"# perf record -e {args.event} -g, {what}, {mode.name}, "
               f"{args.workload}, MTU {args.mtu}, {args.seconds} s; load result: "
-              f"{result.get('bits_per_second', 0) / 1e9:.2f} Gb/s\n")
+              f"{result.get('bits_per_second', 0) / 1e9:.2f} Gb/s, "
+              f"{result.get('requests_per_second', 0):.0f} req/s\n")
     by_comm = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
-                              "--sort", "dso", "-g", "none"], capture_output=True, text=True)
+                              "--sort", "comm,dso", "-g", "none"], capture_output=True, text=True)
     by_sym = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                              "--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.5"],
                             capture_output=True, text=True)

@@ -104,10 +104,11 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def write(results, json_path, md_path):
+def write(results, json_path, md_path, render=None):
+    """Writes results as JSON and as markdown (render, default this module's markdown)."""
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
-    text = markdown(results)
+    text = (render or markdown)(results)
     with open(md_path, "w") as f:
         f.write(text)
     return text
