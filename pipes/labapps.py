@@ -38,7 +38,11 @@ class Pipesd:
             # removing their kernel state and files.
             self.command += ["--drain-timeout", "5"]
         self.proc = host.popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # never leave a half-started daemon or its log file open
+            raise
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.host.run([sys.executable, "-c",

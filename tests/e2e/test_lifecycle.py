@@ -351,3 +351,34 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
     finally:
         proxy.stop()
     assert kernel_state(p1, name) == before
+
+
+def test_modules_and_function_files_given_at_start(line, tmp_path):
+    """--modules loads into every worker; a bad keyring or pattern file stops the start with
+    a clear message (and leaves no kernel state)."""
+    from srv6pipes.labapps import LabError
+    from srv6pipes.modules import module_path
+
+    tb, lab = line
+    keyring = tmp_path / "keyring"
+    keyring.write_text("1 " + "ab" * 32 + "\n")
+    keyring.chmod(0o644)  # others may read it: refused
+    with pytest.raises(LabError, match="keyring"):
+        Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("badkeys"),
+               extra=("--keyring", str(keyring)))
+    patterns = tmp_path / "patterns"
+    patterns.write_text("x" * 300 + "\n")
+    with pytest.raises(LabError, match="1 to 255 bytes"):
+        Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("badpat"),
+               extra=("--dpi-patterns", str(patterns)))
+    assert kernel_state(tb.hosts["p1"], name_for("badpat"))["nft"] == ""
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("mods"),
+                   extra=("--modules", module_path("vf_caesar")))
+    try:
+        listed = {f["name"]: f for f in json.loads(proxy.ctl("functions").stdout)}
+        assert listed["caesar"]["module"] == "vf_caesar"
+        assert listed["caesar"]["workers"] == [0, 1]
+        peer, echoed, local = lab.echo_roundtrip([lab.address("p1", "caesar", 0)], b"hi")
+        assert echoed == b"hi"
+    finally:
+        proxy.stop()
