@@ -109,6 +109,7 @@ cdef extern from "fcntl.h" nogil:
         F_GETPIPE_SZ
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
+        SPLICE_F_MORE
         O_NONBLOCK
         O_CLOEXEC
 
@@ -140,6 +141,7 @@ cdef extern from "sys/socket.h" nogil:
         SHUT_WR
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_MORE
 
 
 from srv6pipes_vf cimport (pipes_flow_info, pipes_func_desc, vf_process_fn, PIPES_VF_EOF,
@@ -242,6 +244,7 @@ cdef struct Flow:
     bint rd[2]              # cached readiness (edge-triggered): set by events, cleared on EAGAIN
     bint wr[2]
     bint hup[2]             # NO_SHORTCUT event seen: read until EAGAIN, EOF or error
+    bint fin[2]             # EPOLLRDHUP seen: the peer's FIN is queued behind the data
     int state
     uint32_t gen
     bint use_pipes
@@ -503,6 +506,7 @@ cdef class RelayLoop:
             f.rd[d] = True
             f.wr[d] = True
             f.hup[d] = False
+            f.fin[d] = False
             f.dir[d].pipe_r = -1
             f.dir[d].pipe_w = -1
         f.state = CONNECTING if connecting else OPEN
@@ -630,6 +634,8 @@ cdef class RelayLoop:
                 f.rd[side] = True
                 if evs & NO_SHORTCUT:
                     f.hup[side] = True
+                if evs & EPOLLRDHUP:
+                    f.fin[side] = True
             if evs & CAN_WRITE:
                 f.wr[side] = True
             self._handle(f, side, evs)
@@ -713,7 +719,11 @@ cdef class RelayLoop:
         if x.done:
             return 0
         if x.pending and f.wr[dst]:
-            n = send(f.fd[dst], x.buf + x.start, x.pending, MSG_NOSIGNAL | MSG_DONTWAIT)
+            # Once the source's FIN is known to follow, MSG_MORE holds the last bytes back
+            # for the shutdown() that comes next in this pump: the FIN rides on the last
+            # data segment instead of costing a packet of its own (HAProxy's does too).
+            n = send(f.fd[dst], x.buf + x.start, x.pending,
+                     MSG_NOSIGNAL | MSG_DONTWAIT | (MSG_MORE if f.fin[src] else 0))
             if n > 0:
                 x.start += n
                 x.pending -= n
@@ -860,8 +870,8 @@ cdef class RelayLoop:
         if x.done:
             return 0
         if x.pending and f.wr[dst]:
-            n = splice(x.pipe_r, NULL, f.fd[dst], NULL, x.pending,
-                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(x.pipe_r, NULL, f.fd[dst], NULL, x.pending,   # MORE: see _step_buf
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK | (SPLICE_F_MORE if f.fin[src] else 0))
             if n > 0:
                 x.pending -= n
                 f.ctr[C_BYTES_UP + d] += <uint64_t>n
