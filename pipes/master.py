@@ -448,6 +448,7 @@ class Master:
         message = json.dumps(request).encode()
         replies: dict[int, dict] = {}
         waiting = {}
+        pid_of = {id(child): pid for pid, child in children.items()}
         for pid, child in children.items():
             try:
                 child.channel.send(message)
@@ -466,10 +467,15 @@ class Master:
                     replies[child.index] = {"ok": False, "error": f"bad reply: {exc}"}
         for child in waiting.values():
             replies[child.index] = {"ok": False, "error": "worker did not answer"}
-            # A late reply would be read as the answer to the next request: drop the channel;
-            # the heartbeat check replaces a stuck worker, and the new one gets a fresh pair.
+            # A late reply would be read as the answer to the next request, and a worker we
+            # cannot reach would miss later loads: replace it. SIGTERM drains its flows; the
+            # new one gets a fresh channel and the current module list.
+            log.error("worker %d did not answer a %s request in %.0fs: replacing it",
+                      child.index, request.get("cmd"), WORKER_REPLY_TIMEOUT)
             child.channel.close()
             child.channel = None
+            child.stopping = True
+            self.kill(pid_of[id(child)], signal.SIGTERM)
         return replies
 
     def admit_module(self, path: str) -> tuple[str, list[Function]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -347,5 +348,32 @@ def test_a_restarted_worker_loads_the_modules_too(lab):
         for _ in range(6):  # both workers get some of these (k = 0: identity)
             peer, echoed, local = lab.echo_roundtrip([lab.address("p1", "caesar", 0)], b"abc")
             assert echoed == b"abc"
+    finally:
+        ctl(lab, "p1", "unload", "vf_caesar")
+
+
+def test_a_worker_that_does_not_answer_is_replaced(lab):
+    """A worker that misses a control request (here: stopped) would miss later loads too:
+    the master replaces it, and the new worker has the modules."""
+    proxy = lab.proxies["p1"]
+    assert ctl(lab, "p1", "load", CAESAR_SO).returncode == 0
+    try:
+        stuck = proxy.stats()["workers"][0]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            listed = functions(lab, "p1")  # waits for the stopped worker, then gives up
+        finally:
+            os.kill(stuck, signal.SIGCONT)  # it drains (SIGTERM) and exits
+        assert {f["name"]: f for f in listed if "name" in f}["caesar"]["workers"] == [1]
+
+        def replaced():
+            workers = proxy.stats()["workers"]
+            return (len(workers) == 2 and stuck not in [w["pid"] for w in workers]
+                    and all(w["worker"]["pid"] for w in workers))
+
+        assert wait_for(replaced, timeout=30)
+        listed = {f["name"]: f for f in functions(lab, "p1") if "name" in f}
+        assert listed["caesar"]["workers"] == [0, 1]
+        assert "did not answer" in proxy.log()
     finally:
         ctl(lab, "p1", "unload", "vf_caesar")
