@@ -254,7 +254,6 @@ cdef struct Flow:
     vf_process_fn process   # fn.process, or the Python trampoline
     void *ctx               # what spawn returned (a FlowAdapter for Python functions)
     bint py                 # ctx is a Python object we hold a reference to
-    unsigned int tag        # add_flow's tag
     Dir dir[2]
     int next_free
     int ready_prev          # ready list links, valid while queued
@@ -425,14 +424,6 @@ cdef class RelayLoop:
         """Flows added and not yet closed."""
         return self.nactive
 
-    def flows_tagged(self, unsigned int tag):
-        """How many open flows carry tag (a scan of the table: for occasional checks)."""
-        cdef int i, n = 0
-        for i in range(self.high_water):
-            if self.flows[i].state != FREE and self.flows[i].tag == tag:
-                n += 1
-        return n
-
     def watch(self, int fd):
         """Also wake poll() when fd is readable (level-triggered); poll then reports
         WATCHED_READY. One watched descriptor at most (the worker's control channel)."""
@@ -446,7 +437,7 @@ cdef class RelayLoop:
     # -- adding a flow -------------------------------------------------------------------
     def add_flow(self, int client_fd, int server_fd, int slot=0, uintptr_t function=0,
                  object pyfunction=None, unsigned int params=0, tuple flow=None,
-                 bint connecting=True, unsigned int tag=0):
+                 bint connecting=True):
         """Hand a flow to the loop, which owns both descriptors from now on.
 
         Both are nonblocking TCP sockets; with connecting=True the server socket has a
@@ -455,9 +446,7 @@ cdef class RelayLoop:
           pyfunction  a vfapi.Function (Python), or None; neither = identity (splice);
           params      the address's parameter bits, given to spawn;
           flow        (client, client_port, server, server_port, function_address), the
-                      addresses as 16 packed bytes, for spawn (needed with a function);
-          tag         the caller's label for the flow (the worker: which module), see
-                      flows_tagged().
+                      addresses as 16 packed bytes, for spawn (needed with a function).
         A spawn that fails or refuses resets the flow (vf_errors / vf_resets). If the table is
         full or memory runs out the client is reset, both are closed and flows_rejected is
         counted (nothing raised). A bad slot or flow is a programming error: both are reset
@@ -501,7 +490,6 @@ cdef class RelayLoop:
         f.process = NULL
         f.ctx = NULL
         f.py = False
-        f.tag = tag
         for d in range(2):
             f.rd[d] = True
             f.wr[d] = True
@@ -722,53 +710,72 @@ cdef class RelayLoop:
             # Once the source's FIN is known to follow, MSG_MORE holds the last bytes back
             # for the shutdown() that comes next in this pump: the FIN rides on the last
             # data segment instead of costing a packet of its own (HAProxy's does too).
-            n = send(f.fd[dst], x.buf + x.start, x.pending,
-                     MSG_NOSIGNAL | MSG_DONTWAIT | (MSG_MORE if f.fin[src] else 0))
-            if n > 0:
-                x.start += n
-                x.pending -= n
-                f.ctr[C_BYTES_UP + d] += <uint64_t>n
-                progress = 1
-            elif n < 0:
-                if would_block(errno):
-                    f.wr[dst] = False
-                elif errno == EINTR:
-                    progress = 1
-                else:
-                    return -1
+            r = self._send(f, d, x.buf, &x.start, &x.pending, f.fin[src])
+            if r < 0:
+                return r
+            progress |= r
         if not x.eof and f.rd[src]:
             if x.pending == 0:
                 x.start = 0
             room = self.buffer_size - x.start - x.pending
             if room > 0:
-                n = recv(f.fd[src], x.buf + x.start + x.pending, room, MSG_DONTWAIT)
-                if n > 0:
-                    if f.process != NULL:
-                        r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
-                        if r < 0:
-                            return r
-                    x.pending += n
-                    progress = 1
-                    # A short TCP read means the receive queue was empty: data arriving
-                    # later wakes epoll again, so skip the recv that would say EAGAIN.
-                    # Not once a FIN/RST was signalled: nothing would report it again.
-                    if <size_t>n < room and not f.hup[src]:
-                        f.rd[src] = False
-                elif n == 0:
-                    x.eof = True
-                    progress = 1
-                elif would_block(errno):
-                    f.rd[src] = False
-                elif errno == EINTR:
-                    progress = 1
-                else:
-                    return -1
+                n = self._recv(f, d, x.buf + x.start + x.pending, room)
+                if n < 0:
+                    return <int>n
+                if n > 0 and f.process != NULL:
+                    r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
+                    if r < 0:
+                        return r
+                x.pending += n
+                progress |= n > 0 or x.eof or f.rd[src]
         if x.eof and x.pending == 0:
             if shutdown(f.fd[dst], SHUT_WR) < 0:
                 return -1
             x.done = True
             progress = 1
         return progress
+
+    cdef int _send(self, Flow *f, int d, const unsigned char *buf, size_t *start,
+                   size_t *length, bint more) noexcept nogil:
+        """Sends buf[start:start + length] to direction d's destination, advancing both.
+        Returns 1 on progress, 0 when blocked, STEP_SOCKET_ERROR."""
+        cdef int dst = 1 - d
+        cdef ssize_t n = send(f.fd[dst], buf + start[0], length[0],
+                              MSG_NOSIGNAL | MSG_DONTWAIT | (MSG_MORE if more else 0))
+        if n > 0:
+            start[0] += n
+            length[0] -= n
+            f.ctr[C_BYTES_UP + d] += <uint64_t>n
+            return 1
+        if n < 0 and would_block(errno):
+            f.wr[dst] = False
+            return 0
+        if n < 0 and errno == EINTR:
+            return 1
+        return STEP_SOCKET_ERROR
+
+    cdef ssize_t _recv(self, Flow *f, int d, unsigned char *p, size_t room) noexcept nogil:
+        """Reads up to room bytes of direction d's source into p. Returns the bytes read,
+        0 (EOF: sets eof; would block: clears rd; EINTR: rd stays set so the pump retries),
+        or STEP_SOCKET_ERROR."""
+        cdef int src = d
+        cdef ssize_t n = recv(f.fd[src], p, room, MSG_DONTWAIT)
+        if n > 0:
+            # A short TCP read means the receive queue was empty: data arriving later
+            # wakes epoll again, so skip the recv that would say EAGAIN. Not once a
+            # FIN/RST was signalled: nothing would report it again.
+            if <size_t>n < room and not f.hup[src]:
+                f.rd[src] = False
+            return n
+        if n == 0:
+            f.dir[d].eof = True
+            return 0
+        if would_block(errno):
+            f.rd[src] = False
+            return 0
+        if errno == EINTR:
+            return 0
+        return STEP_SOCKET_ERROR
 
     cdef int _process_inplace(self, Flow *f, int d, unsigned char *p, size_t n) noexcept nogil:
         """Runs an INPLACE function over the n bytes just read at p. 0, or a STEP_* error."""
@@ -787,23 +794,15 @@ cdef class RelayLoop:
         cdef int src = d, dst = 1 - d
         cdef ssize_t n
         cdef size_t room, consumed
+        cdef int r
         cdef int progress = 0
         if x.done:
             return 0
         if x.olen and f.wr[dst]:
-            n = send(f.fd[dst], x.obuf + x.ostart, x.olen, MSG_NOSIGNAL | MSG_DONTWAIT)
-            if n > 0:
-                x.ostart += n
-                x.olen -= n
-                f.ctr[C_BYTES_UP + d] += <uint64_t>n
-                progress = 1
-            elif n < 0:
-                if would_block(errno):
-                    f.wr[dst] = False
-                elif errno == EINTR:
-                    progress = 1
-                else:
-                    return STEP_SOCKET_ERROR
+            r = self._send(f, d, x.obuf, &x.ostart, &x.olen, False)
+            if r < 0:
+                return r
+            progress |= r
         if not x.eof and f.rd[src]:
             if x.pending == 0:
                 x.start = 0
@@ -813,22 +812,13 @@ cdef class RelayLoop:
                 x.start = 0
             room = self.buffer_size - x.start - x.pending
             if room > 0:
-                n = recv(f.fd[src], x.buf + x.start + x.pending, room, MSG_DONTWAIT)
+                n = self._recv(f, d, x.buf + x.start + x.pending, room)
+                if n < 0:
+                    return <int>n
                 if n > 0:
                     x.pending += n
                     x.starved = False
-                    progress = 1
-                    if <size_t>n < room and not f.hup[src]:
-                        f.rd[src] = False   # a short read: the queue is empty (see _step_buf)
-                elif n == 0:
-                    x.eof = True
-                    progress = 1
-                elif would_block(errno):
-                    f.rd[src] = False
-                elif errno == EINTR:
-                    progress = 1
-                else:
-                    return STEP_SOCKET_ERROR
+                progress |= n > 0 or x.eof or f.rd[src]
         # The function runs once its last output is written: bounded output, no queue.
         if x.olen == 0 and not x.flushed and (x.eof or x.more or (x.pending and not x.starved)):
             consumed = x.pending
