@@ -447,25 +447,24 @@ class Master:
             children = {pid: c for pid, c in children.items() if pid in pids}
         message = json.dumps(request).encode()
         replies: dict[int, dict] = {}
-        waiting = {}
-        pid_of = {id(child): pid for pid, child in children.items()}
+        waiting: dict[socket.socket, tuple[int, Child]] = {}
         for pid, child in children.items():
             try:
                 child.channel.send(message)
-                waiting[child.channel] = child
+                waiting[child.channel] = (pid, child)
             except OSError as exc:
                 replies[child.index] = {"ok": False, "error": f"worker unreachable: {exc}"}
         deadline = time.monotonic() + WORKER_REPLY_TIMEOUT
         while waiting and time.monotonic() < deadline:
             readable, _, _ = select.select(list(waiting), [], [], deadline - time.monotonic())
             for channel in readable:
-                child = waiting.pop(channel)
+                _, child = waiting.pop(channel)
                 try:
                     replies[child.index] = json.loads(channel.recv(1 << 20) or b"null") or {
                         "ok": False, "error": "worker closed its channel"}
                 except (OSError, ValueError) as exc:
                     replies[child.index] = {"ok": False, "error": f"bad reply: {exc}"}
-        for child in waiting.values():
+        for pid, child in waiting.values():
             replies[child.index] = {"ok": False, "error": "worker did not answer"}
             # A late reply would be read as the answer to the next request, and a worker we
             # cannot reach would miss later loads: replace it. SIGTERM drains its flows; the
@@ -475,7 +474,7 @@ class Master:
             child.channel.close()
             child.channel = None
             child.stopping = True
-            self.kill(pid_of[id(child)], signal.SIGTERM)
+            self.kill(pid, signal.SIGTERM)
         return replies
 
     def admit_module(self, path: str) -> tuple[str, list[Function]]:

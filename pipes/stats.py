@@ -38,6 +38,7 @@ WORKER_INDEX = {name: index for index, name in enumerate(WORKER_COUNTERS)}
 RESERVED_WORKER_WORDS = 32
 FUNCTION_WORDS = len(_relay.FUNCTION_COUNTERS)
 REGION_WORDS = RESERVED_WORKER_WORDS + MAX_FUNCTION_SLOTS * FUNCTION_WORDS
+_ACTIVE = _relay.FUNCTION_COUNTERS.index("flows_active")
 assert len(WORKER_COUNTERS) <= RESERVED_WORKER_WORDS
 
 
@@ -96,9 +97,12 @@ class WorkerRegion:
 
     def flows_died(self) -> None:
         """The worker is gone and its flows with it: they are no longer active."""
-        active = _relay.FUNCTION_COUNTERS.index("flows_active")
         for slot in range(MAX_FUNCTION_SLOTS):
-            self.words[RESERVED_WORKER_WORDS + slot * FUNCTION_WORDS + active] = 0
+            self.words[RESERVED_WORKER_WORDS + slot * FUNCTION_WORDS + _ACTIVE] = 0
+
+    def flows_active(self, slot: int) -> int:
+        """Open flows of the function in slot (the relay keeps this count)."""
+        return self.words[RESERVED_WORKER_WORDS + slot * FUNCTION_WORDS + _ACTIVE]
 
     def function_words(self) -> memoryview:
         """The slice handed to the relay loop (slot-major FUNCTION_COUNTERS)."""

@@ -37,8 +37,8 @@ from . import _relay
 from .addressplan import AddressError, AddressPlan
 from .config import Config
 from . import vfmodules
-from .functions import (KIND_C, KIND_PYTHON, MAX_FUNCTION_SLOTS, FunctionConflict,
-                        FunctionRegistry, UnknownFunction, configure_builtins)
+from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, FunctionRegistry,
+                        UnknownFunction, configure_builtins)
 from .ratelimit import RateLimitedLogger
 from .srh import SRH, SRHError, find_srh
 from .stats import WorkerRegion
@@ -103,6 +103,7 @@ class Route:
 
     srh_wire: bytes          # the SYN's SRH as captured (its own segments-left byte aside)
     segments_left: int       # when it reached us: index of our segment
+    function_address: bytes  # that segment (16 bytes): locator | function | parameters
     function_id: int
     params: int
 
@@ -170,7 +171,7 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
     except AddressError:
         raise Rejected("not_our_segment", "the active segment "
                        f"{socket.inet_ntop(socket.AF_INET6, active)} is outside our locator") from None
-    return Route(wire, segments_left, function_id, params)
+    return Route(wire, segments_left, active, function_id, params)
 
 
 class Worker:
@@ -189,9 +190,11 @@ class Worker:
         self.boot_modules = list(modules)    # (path, {function name: slot}) from the master
         self.channel = channel               # our end of the master's socketpair
         self.modules: dict[str, vfmodules.LoadedModule] = {}
-        self.module_tags: dict[str, int] = {}
         self.draining: dict[str, vfmodules.LoadedModule] = {}
-        self.next_tag = 1                    # relay flow tag per loaded module; 0 = built-in
+        # Stats slots of each module's functions: the relay counts their open flows, which
+        # is what an unload waits for. (A later module reusing a function's id and name
+        # shares its slot; that can only delay the old one's deinit.)
+        self.module_slots: dict[str, list[int]] = {}
         self.plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
         self.listener: socket.socket | None = None
         self.relay = None
@@ -330,13 +333,12 @@ class Worker:
                                          route.onward)
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if function.kind == KIND_C or function.kind == KIND_PYTHON:
-                active = route.srh_wire[8 + 16 * route.segments_left:24 + 16 * route.segments_left]
+            if function.kind != KIND_SPLICE:  # spawn gets the flow's addresses
                 flow = (socket.inet_pton(socket.AF_INET6, client_addr), client_port,
-                        socket.inet_pton(socket.AF_INET6, dest_addr), dest_port, active)
+                        socket.inet_pton(socket.AF_INET6, dest_addr), dest_port,
+                        route.function_address)
                 self.relay.add_flow(client.detach(), server.detach(), function.slot,
-                                    function.address, function.python, route.params, flow,
-                                    True, self.module_tags.get(function.module, 0))
+                                    function.address, function.python, route.params, flow)
             else:
                 self.relay.add_flow(client.detach(), server.detach(), function.slot)
         except Rejected as rejected:
@@ -370,9 +372,11 @@ class Worker:
         for function in module.functions:
             self.registry.register(function, slots[function.name])
         self.modules[name] = module
-        self.module_tags[name] = self.next_tag
-        self.next_tag += 1
+        self.module_slots[name] = [slots[f.name] for f in module.functions]
         return module
+
+    def module_flows(self, name: str) -> int:
+        return sum(self.stats.flows_active(slot) for slot in self.module_slots[name])
 
     def unload_module(self, name: str) -> int:
         """Stops new flows of the module at once; returns how many flows it still has here
@@ -382,15 +386,15 @@ class Worker:
             raise KeyError(f"module {name!r} is not loaded")
         self.registry.unregister_module(name)
         self.draining[name] = module
-        active = self.relay.flows_tagged(self.module_tags[name])
+        active = self.module_flows(name)
         self.finish_draining()
         return active
 
     def finish_draining(self) -> None:
         for name, module in list(self.draining.items()):
-            if self.relay.flows_tagged(self.module_tags[name]) == 0:
+            if self.module_flows(name) == 0:
                 del self.draining[name]
-                del self.module_tags[name]
+                del self.module_slots[name]
                 try:
                     module.unload()
                 except Exception as exc:  # noqa: BLE001 - deinit failing must not kill us
@@ -398,7 +402,7 @@ class Worker:
                 log.info("worker %d: module %s unloaded", self.index, name)
 
     def describe_modules(self) -> dict:
-        flows = {name: self.relay.flows_tagged(tag) for name, tag in self.module_tags.items()}
+        flows = {name: self.module_flows(name) for name in self.module_slots}
         return {"loaded": {name: {"path": m.path, "active_flows": flows[name]}
                            for name, m in self.modules.items()},
                 "draining": {name: {"path": m.path, "active_flows": flows[name]}
