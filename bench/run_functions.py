@@ -20,9 +20,7 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -33,6 +31,7 @@ from lab import figures, report  # noqa: E402
 from lab.checks import CheckFailed  # noqa: E402
 from lab.modes import ModeUnavailable, Pipesd, PipesdChain, Router  # noqa: E402
 from lab.pinning import PINNINGS, Pinning  # noqa: E402
+from lab.runplan import run_in_workdir, timing  # noqa: E402
 from lab.workloads import Workload  # noqa: E402
 from run_lab import (RESULTS_DIR, Lab, describe, load_testbed, measure,  # noqa: E402
                      prepare_endpoints, tool_versions, wait_for_quiet)
@@ -312,22 +311,12 @@ def main(argv=None):
         ap.error("--repetitions and --seconds: at least 1")
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces)")
-    plan = Plan(figures=figs, passes=list(dict.fromkeys(args.passes)),
-                passes_key=args.passes_key, xor_key=args.xor_key, tool=args.tool,
-                mtu=args.mtu, pinning=PINNINGS[args.pinning], workers=args.workers,
-                repetitions=1 if args.quick else args.repetitions,
-                seconds=3 if args.quick else args.seconds,
-                retries=0 if args.quick else 1, patience=10.0,
-                extra_budget=15.0 if args.quick else 60.0,
-                workdir=tempfile.mkdtemp(prefix="srv6pipes-functions-"))
-    try:
-        return run(plan)
-    finally:
-        if args.keep_workdir:
-            print(f"workdir kept: {plan.workdir}")
-        else:
-            shutil.rmtree(plan.workdir, ignore_errors=True)
-
+    return run_in_workdir(
+        run, lambda workdir: Plan(figures=figs, passes=list(dict.fromkeys(args.passes)),
+                                  passes_key=args.passes_key, xor_key=args.xor_key,
+                                  tool=args.tool, mtu=args.mtu, pinning=PINNINGS[args.pinning],
+                                  workers=args.workers, workdir=workdir, **timing(args)),
+        "srv6pipes-functions-", args.keep_workdir)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,10 +18,8 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ from lab.checks import CheckFailed, wait_quiet  # noqa: E402
 from lab.interference import ForeignLoad  # noqa: E402
 from lab.modes import DEFAULT_MODES, MODE_NAMES, ModeUnavailable, make_mode  # noqa: E402
 from lab.pinning import PINNINGS, Pinning, apply_rps  # noqa: E402
+from lab.runplan import run_in_workdir, timing  # noqa: E402
 from lab.servers import Servers  # noqa: E402
 from lab.workloads import (WorkloadError, blast_workloads, iperf3_workloads,  # noqa: E402
                            wrk_workloads)
@@ -286,21 +285,12 @@ def main(argv=None):
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces)")
     modes = ["router"] + [m for m in dict.fromkeys(args.modes) if m != "router"]
-    plan = Plan(modes=modes, mtus=args.mtu, full_mtus=args.full_mtu or [max(args.mtu)],
-                pinning=PINNINGS[args.pinning],
-                repetitions=1 if args.quick else args.repetitions,
-                seconds=3 if args.quick else args.seconds,
-                retries=0 if args.quick else 1, patience=10.0,
-                extra_budget=15.0 if args.quick else 60.0,
-                workdir=tempfile.mkdtemp(prefix="srv6pipes-bench-"))
-    try:
-        return run(plan)
-    finally:
-        if args.keep_workdir:
-            print(f"workdir kept: {plan.workdir}")
-        else:
-            shutil.rmtree(plan.workdir, ignore_errors=True)
-
+    return run_in_workdir(
+        run, lambda workdir: Plan(modes=modes, mtus=args.mtu,
+                                  full_mtus=args.full_mtu or [max(args.mtu)],
+                                  pinning=PINNINGS[args.pinning], workdir=workdir,
+                                  **timing(args)),
+        "srv6pipes-bench-", args.keep_workdir)
 
 if __name__ == "__main__":
     sys.exit(main())

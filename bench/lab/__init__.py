@@ -8,5 +8,6 @@ workloads.py    iperf3, blast and wrk runs from c, parsed into samples
 blast.py        payload-agnostic bulk TCP sender and sink (for byte-changing functions)
 interference.py what the rest of the machine did during a sample
 report.py       medians, ratios to the router, JSON + markdown
+runplan.py      --quick timing and the run's workdir (run_lab.py, run_functions.py)
 perfrun.py      perf record of pipesd's workers under load (bench/perf_profile.sh)
 """
