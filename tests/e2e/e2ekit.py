@@ -120,19 +120,25 @@ class Lab:
         function_id = FUNCTIONS.get(function, function)
         return AddressPlan(self.tb.locator(proxy)).encode(function_id, params)
 
+    def client_socket(self, segments, srh: SRH | None = None) -> socket.socket:
+        """An unconnected socket in C's namespace whose SYN will carry [segments..., S]
+        (or srh), e.g. for connection_outcome()."""
+        with self.c.enter():
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        if segments or srh is not None:
+            header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())
+        return sock
+
     def connect(self, segments, port=ECHO_PORT, timeout=20.0, srh: SRH | None = None,
                 source_port: int = 0) -> socket.socket:
         """A client socket in C's namespace whose SYN carries SRH [segments..., S]."""
-        with self.c.enter():
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock = self.client_socket(segments, srh)
         sock.settimeout(timeout)
         try:
             if source_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((str(self.c.addr), source_port))
-            header = srh if srh is not None else SRH.from_path([*segments, self.s.addr])
-            if segments or srh is not None:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, header.to_bytes())
             sock.connect((str(self.s.addr), port))
         except BaseException:
             sock.close()

@@ -144,19 +144,9 @@ def test_encrypt_with_an_unknown_key_id_resets_the_flow(lab):
     before = function_totals(lab, "p1", "encrypt").get("vf_resets", 0)
     sock_target = (str(lab.s.addr), ECHO_PORT)
     segments = [lab.address("p1", "encrypt", 99), lab.address("p2", "decrypt", 99)]
-    outcome = connection_outcome(lambda: _raw_client(lab, segments), sock_target)
+    outcome = connection_outcome(lambda: lab.client_socket(segments), sock_target)
     assert outcome == "reset"
     assert wait_for(lambda: function_totals(lab, "p1", "encrypt").get("vf_resets", 0) > before)
-
-
-def _raw_client(lab, segments):
-    """A not yet connected socket in C carrying segments (for connection_outcome)."""
-    from srv6pipes.srh import SRH
-
-    with lab.c.enter():
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, 57, SRH.from_path([*segments, lab.s.addr]).to_bytes())
-    return sock
 
 
 # -- dpi and count ---------------------------------------------------------------------------
@@ -213,6 +203,9 @@ def test_count_reports_bytes_and_flows_per_client_prefix(lab):
     assert totals["flows"] >= 3
     assert totals["bytes_up"] >= 3 * len(payload)
     assert totals["bytes_down"] >= 3 * (len(payload) + 64)
+    # Only this test uses count: exactly its three flows and their bytes, no more.
+    assert totals == {"flows": 3, "bytes_up": 3 * len(payload),
+                      "bytes_down": 3 * (len(payload) + 64)}
 
 
 # -- modules at run time -------------------------------------------------------------------
@@ -246,7 +239,7 @@ def test_load_c_and_python_modules_then_unload(lab, chaos_c):
             for name in ("vf_caesar", "chaos", "chaos_c"):
                 ctl(lab, proxy, "unload", name)
     assert not {"caesar", "chaos-py", "chaos-c"} & {f.get("name") for f in functions(lab, "p1")}
-    outcome = connection_outcome(lambda: _raw_client(lab, [lab.address("p1", "caesar", 1)]),
+    outcome = connection_outcome(lambda: lab.client_socket([lab.address("p1", "caesar", 1)]),
                                  (str(lab.s.addr), ECHO_PORT))
     assert outcome == "reset", "an unloaded function's address must be reset"
 
@@ -323,7 +316,7 @@ def test_unload_drains_flows_in_use(lab):
         assert sum(json.loads(result.stdout)["draining_flows"].values()) == 1
         draining = [f for f in functions(lab, "p1") if f.get("draining")]
         assert [d["module"] for d in draining] == ["vf_caesar"]
-        outcome = connection_outcome(lambda: _raw_client(lab, [address]),
+        outcome = connection_outcome(lambda: lab.client_socket([address]),
                                      (str(lab.s.addr), ECHO_PORT))
         assert outcome == "reset"
         sock.sendall(b"after")

@@ -143,7 +143,7 @@ def test_full_flow_table_resets_new_connections_and_recovers(line):
     try:
         held = [lab.connect([identity_address(tb)]) for _ in range(5)]
         outcome = connection_outcome(
-            lambda: _client_with_srh(lab, tb), (str(lab.s.addr), ECHO_PORT))
+            lambda: lab.client_socket([identity_address(tb)]), (str(lab.s.addr), ECHO_PORT))
         assert outcome in ("reset", "eof")
         totals = proxy.stats()["totals"]["functions"]["identity"]
         assert totals["flows_rejected"] >= 1
@@ -153,15 +153,6 @@ def test_full_flow_table_resets_new_connections_and_recovers(line):
         assert roundtrip_ok(lab, tb)
     finally:
         proxy.stop()
-
-
-def _client_with_srh(lab, tb):
-    from srv6pipes.srh import SRH
-
-    with lab.c.enter():
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, 57, SRH.from_path([identity_address(tb), lab.s.addr]).to_bytes())
-    return sock
 
 
 def test_exhausted_file_descriptors_reset_and_recover(line):
@@ -274,7 +265,7 @@ def test_syn_cookie_connections_are_reset_and_visible(line):
     proxy = Pipesd(p1, tb.locator("p1"), name_for("cookie"))
     try:
         p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])   # cookies for every SYN
-        outcome = connection_outcome(lambda: _client_with_srh(lab, tb),
+        outcome = connection_outcome(lambda: lab.client_socket([identity_address(tb)]),
                                      (str(lab.s.addr), ECHO_PORT))
         assert outcome == "reset"
         assert proxy.stats()["kernel"]["syncookies_sent"] >= 1

@@ -91,13 +91,8 @@ def test_server_reset_reaches_the_client(lab, function):
 
 
 def client_socket(lab, srh: SRH | None = None):
-    def make():
-        with lab.c.enter():
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        if srh is not None:
-            sock.setsockopt(socket.IPPROTO_IPV6, 57, srh.to_bytes())
-        return sock
-    return make
+    """A connection_outcome() socket factory: lab.client_socket with srh (None: no SRH)."""
+    return lambda: lab.client_socket([], srh)
 
 
 def via(lab, *segments):
