@@ -266,7 +266,11 @@ class Worker:
                 self.finish_draining()
             if self.stopping_since is not None:
                 if self.listener is not None:
-                    self.listener.close()  # epoll forgets it; kernel queue is not ours now
+                    # Connections already in our accept queue completed their handshake:
+                    # take them (one burst; they drain like the rest) rather than let close()
+                    # reset them.
+                    self.accept_burst()
+                    self.listener.close()  # epoll forgets it
                     self.listener = None
                 if relay.active_flows == 0:
                     return
