@@ -282,6 +282,10 @@ def test_sigterm_drains_established_flows(line):
     sock = lab.connect([identity_address(tb)])
     try:
         sock.sendall(b"first;")
+        # The handshake completes in the kernel; wait until a worker has taken the flow
+        # (a connection still in the accept queue is not established through pipesd).
+        assert wait_for(lambda: proxy.stats()["totals"]["functions"]
+                        .get("identity", {}).get("flows_active") == 1)
         proxy.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)                 # the daemon is draining, our flow must survive
         assert proxy.proc.poll() is None
