@@ -34,7 +34,8 @@ from lab.pinning import PINNINGS, Pinning  # noqa: E402
 from lab.runplan import run_in_workdir, timing  # noqa: E402
 from lab.workloads import Workload  # noqa: E402
 from run_lab import (RESULTS_DIR, Lab, describe, load_testbed, measure,  # noqa: E402
-                     prepare_endpoints, tool_versions, wait_for_quiet)
+                     prepare_endpoints, samples_until_quiet, tool_versions,
+                     wait_for_quiet)
 
 # The target of the issue: with 2 passes (n = 1), at least this fraction of identity.
 TARGET_PASSES_N = 1
@@ -187,17 +188,11 @@ def run_case(plan, lab, case, rep, workload, cell, results, state):
         check = mode.check(lab)
         check["background_cpu_busy"] = round(wait_for_quiet(plan, state), 3)
         results["checks"].setdefault(case.name, []).append(check)
-        for attempt in range(1 + plan.retries):
-            started = time.monotonic()
-            sample = measure(lab, workload, plan.seconds)
+        for sample in samples_until_quiet(plan, state,
+                                          lambda: measure(lab, workload, plan.seconds)):
             sample["repetition"] = rep + 1
             cell["samples"].append(sample)
             print(f"   {workload.name:16s} {describe(sample)}", flush=True)
-            if attempt:
-                state["extra_seconds"] += time.monotonic() - started
-            if not report.disturbed(sample) or state["extra_seconds"] >= plan.extra_budget:
-                break
-            wait_for_quiet(plan, state)
     except (ModeUnavailable, CheckFailed) as exc:
         print(f"   MODE UNAVAILABLE: {exc}", flush=True)
         results["unavailable"][case.name] = str(exc)

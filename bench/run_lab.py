@@ -149,16 +149,9 @@ def run_mode(plan, lab, name, mtu, rep, workloads, cells, results, state):
                 continue
             cell = cells.setdefault((mtu, wl.name, name), {
                 "mtu": mtu, "workload": wl.name, "mode": name, "samples": []})
-            for attempt in range(1 + plan.retries):
-                started = time.monotonic()
-                sample = measure(lab, wl, plan.seconds)
+            for sample in samples_until_quiet(plan, state, lambda: measure(lab, wl, plan.seconds)):
                 cell["samples"].append(sample)
                 print(f"   {wl.name:22s} {describe(sample)}", flush=True)
-                if attempt:
-                    state["extra_seconds"] += time.monotonic() - started
-                if not report.disturbed(sample) or state["extra_seconds"] >= plan.extra_budget:
-                    break
-                wait_for_quiet(plan, state)
     except (ModeUnavailable, CheckFailed) as exc:
         print(f"   MODE UNAVAILABLE: {exc}", flush=True)
         results["unavailable"][name] = str(exc)
@@ -166,6 +159,20 @@ def run_mode(plan, lab, name, mtu, rep, workloads, cells, results, state):
         mode.teardown(lab)
         if mode.final_stats is not None:
             results["checks"].setdefault(f"{name}@{mtu}:stats", []).append(mode.final_stats)
+
+
+def samples_until_quiet(plan, state, take):
+    """Yields take()'s sample; while it was disturbed by the rest of the machine, waits for
+    quiet and yields another, at most plan.retries more within the run's re-run budget."""
+    for attempt in range(1 + plan.retries):
+        started = time.monotonic()
+        sample = take()
+        yield sample
+        if attempt:
+            state["extra_seconds"] += time.monotonic() - started
+        if not report.disturbed(sample) or state["extra_seconds"] >= plan.extra_budget:
+            return
+        wait_for_quiet(plan, state)
 
 
 def wait_for_quiet(plan, state):
