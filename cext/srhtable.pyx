@@ -114,6 +114,19 @@ cdef extern from "srhtable_impl.h" nogil:
 cdef extern from "<string.h>" nogil:
     int memcmp(const void *a, const void *b, size_t n)
 
+cdef extern from "synparse.h" nogil:
+    enum:
+        SYN_FAST
+    struct syn_info:
+        const uint8_t *client
+        const uint8_t *destination
+        uint16_t client_port
+        uint16_t dest_port
+        const uint8_t *srh
+        uint16_t srh_len
+        uint8_t segments_left
+    int syn_parse_fast(const uint8_t *p, size_t length, size_t srh_max, syn_info *out)
+
 # Names of header.counters[i], in order. The table's own (inserts .. rejected) are kept by
 # insert(); the capture process adds its per-SYN counters with count().
 COUNTERS = (
@@ -447,6 +460,27 @@ cdef class SrhTable:
         srht_write_slot(&self.entries[target], self.srh_area + <size_t>target * SRHT_SRH_MAX,
                         key, sl, srh, srh_len, now)
         srht_counter_add(&self.hdr.counters[0], 1)
+
+    def record_syn(self, bytes packet):
+        """The capture's per-SYN fast path (cext/synparse.h): parses a queued packet of the
+        common shape in C, counts `syn_seen`, inserts its SRH and returns the connection's
+        (client address, client port, final destination, destination port), addresses
+        as 16 bytes. Returns None, having counted nothing, for any other packet: the
+        capture's Python path (capture.SynCapture.handle_payload) then decides."""
+        cdef syn_info info
+        cdef srht_key key
+        self._check_writable()
+        if syn_parse_fast(<const uint8_t *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet),
+                          SRHT_SRH_MAX, &info) != SYN_FAST:
+            return None
+        memcpy(key.client_addr, info.client, 16)
+        memcpy(key.dest_addr, info.destination, 16)
+        key.client_port = info.client_port
+        key.dest_port = info.dest_port
+        srht_counter_add(&self.hdr.counters[4], 1)  # syn_seen
+        self._insert(&key, info.segments_left, info.srh, info.srh_len)
+        return (PyBytes_FromStringAndSize(<char *>info.client, 16), info.client_port,
+                PyBytes_FromStringAndSize(<char *>info.destination, 16), info.dest_port)
 
     def count(self, counter, n=1):
         """Adds n to writer counter `counter` (one of COUNTERS); the capture process's

@@ -91,6 +91,14 @@ class SynCapture:
         return routes, calls set_mark(mark) so the connection's replies take its return path.
         """
         table = self.table
+        if self.return_routes is None and type(payload) is bytes:
+            # The common SYN, parsed and inserted in C (cext/synparse.h); None means
+            # "anything else", left to the Python parser below with nothing counted yet.
+            flow = table.record_syn(payload)
+            if flow is not None:
+                client, client_port, destination, dest_port = flow
+                self._retire_time_wait(client, client_port, destination, dest_port)
+                return "inserts"
         table.count("syn_seen")
         try:
             if len(payload) >= COPY_RANGE:
@@ -109,13 +117,7 @@ class SynCapture:
                                    level=logging.DEBUG)
             client = info.src.packed
             destination = srh.final_destination.packed
-            if self.reaper is not None:
-                try:
-                    if self.reaper.retire(destination, info.dport, client, info.sport):
-                        table.count("time_wait_retired")
-                except OSError as exc:
-                    self.rlog.warning("time_wait", "cannot retire TIME_WAIT [%s]:%s: %s",
-                                      info.src, info.sport, exc)
+            self._retire_time_wait(client, info.sport, destination, info.dport)
             if self.return_routes is not None and set_mark is not None:
                 mark = self.return_routes.mark_for(srh, info.src)
                 if mark:
@@ -132,6 +134,19 @@ class SynCapture:
             return self._count("malformed", "malformed SYN: %s", exc)
         except Exception as exc:  # noqa: BLE001 - one odd packet must not stop the capture
             return self._count("errors", "error handling a SYN: %r", exc, level=logging.ERROR)
+
+    def _retire_time_wait(self, client: bytes, client_port: int, destination: bytes,
+                          dest_port: int) -> None:
+        """Our TIME_WAIT socket on this tuple (destination:port <- client:port), if any,
+        would swallow the handshake: retire it (timewait.py)."""
+        if self.reaper is None:
+            return
+        try:
+            if self.reaper.retire(destination, dest_port, client, client_port):
+                self.table.count("time_wait_retired")
+        except OSError as exc:
+            self.rlog.warning("time_wait", "cannot retire TIME_WAIT [%s]:%s: %s",
+                              socket.inet_ntop(socket.AF_INET6, client), client_port, exc)
 
     def _count(self, counter: str, msg: str, *args, level: int = logging.WARNING) -> str:
         self.table.count(counter)
