@@ -114,6 +114,14 @@ cdef extern from "srhtable_impl.h" nogil:
 cdef extern from "<string.h>" nogil:
     int memcmp(const void *a, const void *b, size_t n)
 
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+
+cdef enum:
+    # linux/mman.h (Linux 5.14): fault every page of a mapping in now.
+    MADV_POPULATE_READ = 22
+    MADV_POPULATE_WRITE = 23
+
 cdef extern from "synparse.h" nogil:
     enum:
         SYN_FAST
@@ -601,6 +609,21 @@ cdef class SrhTable:
         return result
 
     # ---- teardown --------------------------------------------------------------------
+
+    def prefault(self):
+        """Maps every page of the table into this process now (MADV_POPULATE_*), so that no
+        insert or lookup takes a page fault later. Call it in each process after fork():
+        a child does not inherit the page tables of a shared mapping, and a table slot
+        first touched by a SYN otherwise costs that SYN a fault per process (the capture
+        and every worker). Also commits the table's memory up front. Returns False on a
+        kernel without MADV_POPULATE (the pages then fault in as used)."""
+        self._check_open()
+        if madvise(self.base, self.size,
+                   MADV_POPULATE_WRITE if self.writable else MADV_POPULATE_READ) == 0:
+            return True
+        if errno == 22:  # EINVAL: the kernel predates MADV_POPULATE
+            return False
+        raise OSError(errno, f"cannot prefault the SRH table: {os.strerror(errno)}")
 
     def close(self):
         """Unmaps the table (idempotent). The segment stays until unlink()."""

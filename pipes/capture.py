@@ -330,6 +330,7 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.set_wakeup_fd(wake_w)
         table = open_table()
+        table.prefault()  # no page faults on the per-SYN path (see SrhTable.prefault)
         capture = SynCapture(table, queue_num, log, return_routes=return_routes)
         capture.bind()
         _drop_capabilities()

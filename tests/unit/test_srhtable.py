@@ -505,3 +505,27 @@ def test_over_capacity_a_hit_is_always_the_latest_value(ops):
             assert hits == writer.counters()["used"] <= 16
     finally:
         _srhtable.unlink(table_name)
+
+
+def _rss_shmem_kib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+def test_prefault_maps_the_whole_table_in_now(name):
+    writer = SrhTable.create(name, nslots=4096)   # 4096 * (64 + 1024) bytes: 4.25 MiB
+    try:
+        before = _rss_shmem_kib()
+        assert writer.prefault() is True
+        grown = _rss_shmem_kib() - before
+        assert grown >= 4096 * (64 + 1024) // 1024 - 4
+        reader = SrhTable.attach(name)
+        try:
+            assert reader.prefault() is True    # read-only mapping: populated for reading
+        finally:
+            reader.close()
+    finally:
+        writer.close()
