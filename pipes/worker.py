@@ -4,7 +4,7 @@ One worker process per CPU. The object is built in the master before fork and mu
 touch the process; `run()` is the post-fork entry point (process name, CPU pinning,
 signals, its own SO_REUSEPORT listener, dropped capabilities), then `serve()` loops.
 
-Per accepted connection (see `open_flow`):
+Per accepted connection (see `accept_burst` and `open_flow`):
   1. the accepted socket's peer is the client C:sport, its local address the final
      destination S:dport (TPROXY kept it);
   2. the SRH comes from the shared table filled by the capture process, or, on a miss,
@@ -15,6 +15,8 @@ Per accepted connection (see `open_flow`):
      (IPV6_RTHDR) and connects to S:dport without blocking;
   5. both file descriptors go to the Cython relay loop, which owns them from then on.
 Anything wrong resets the client connection, bumps a counter and logs (rate limited).
+The socket calls of steps 1, 2 and 4 are in srv6pipes._sockops (cext/sockops.pyx): plain
+descriptors, addresses as 16 bytes, no Python socket objects on this per-connection path.
 
 The master talks to a worker over a SOCK_SEQPACKET socketpair, one JSON message per request
 (`handle_control`): load / unload a module, list functions, module stats. Unloading drains:
@@ -30,10 +32,10 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
 
 from . import _relay
+from ._sockops import accept_connection, connect_onward, reset_and_close, saved_syn
 from .addressplan import AddressError, AddressPlan
 from .config import Config
 from . import vfmodules
@@ -45,13 +47,10 @@ from .stats import WorkerRegion
 
 SOL_IPV6 = socket.IPPROTO_IPV6
 IPV6_TRANSPARENT = 75
-IPV6_RTHDR = 57
 TCP_SAVE_SYN = 27
-TCP_SAVED_SYN = 28
-SAVED_SYN_MAX = 1024  # the most Python's getsockopt accepts; holds SRHs of up to ~55 segments
+SAVED_SYN_MAX = 1024  # IPv6 + SRH + TCP headers of a SYN: SRHs of up to ~55 segments
 LISTEN_BACKLOG = 4096
 ACCEPT_BURST = 64
-LINGER_RESET = struct.pack("ii", 1, 0)
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Exit codes the master understands (gunicorn's idea): a worker that cannot boot is not
@@ -61,21 +60,17 @@ EXIT_BOOT_FAILED = 3
 log = logging.getLogger("srv6pipes.worker")
 
 
+def address_text(address: bytes) -> str:
+    """An address for a log line (only lines that are written: the hot path keeps bytes)."""
+    return socket.inet_ntop(socket.AF_INET6, address)
+
+
 class Rejected(Exception):
     """The connection cannot be proxied; `counter` names the stats counter to bump."""
 
     def __init__(self, counter: str, reason: str):
         super().__init__(reason)
         self.counter = counter
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Closes with an RST (SO_LINGER 0) so the peer learns at once."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
 
 
 def make_listener(port: int) -> socket.socket:
@@ -282,12 +277,12 @@ class Worker:
                 self.accept_burst()
 
     def accept_burst(self) -> None:
-        listener = self.listener
+        """Listener readable: takes up to ACCEPT_BURST connections (step 1), each to
+        open_flow, and stops early when the queue is empty or accept fails."""
+        listen_fd = self.listener.fileno()
         for _ in range(ACCEPT_BURST):
             try:
-                fd, peer = listener._accept()
-            except BlockingIOError:
-                return
+                accepted = accept_connection(listen_fd)
             except OSError as exc:
                 if exc.errno in FD_EXHAUSTED:
                     self.shed_one_connection(exc)
@@ -295,8 +290,10 @@ class Worker:
                     self.stats.add("accept_errors")
                     self.rlog.warning("accept", "accept failed: %s", exc)
                 return
+            if accepted is None:
+                return
             self.stats.add("accepted")
-            self.open_flow(socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fileno=fd), peer)
+            self.open_flow(*accepted)
 
     def shed_one_connection(self, exc: OSError) -> None:
         """Out of descriptors: free the spare, accept one connection and reset it."""
@@ -307,8 +304,9 @@ class Worker:
         os.close(self.spare_fd)
         self.spare_fd = None
         try:
-            fd, _ = self.listener._accept()
-            reset_socket(socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fileno=fd))
+            accepted = accept_connection(self.listener.fileno())
+            if accepted is not None:
+                reset_and_close(accepted[0])
         except OSError:
             pass
         try:
@@ -316,48 +314,44 @@ class Worker:
         except OSError:
             self.spare_fd = None
 
-    def open_flow(self, client: socket.socket, peer) -> None:
-        """Steps 1-5 of the module docstring for one accepted connection."""
-        client_addr, client_port = peer[0], peer[1]
-        server = None
+    def open_flow(self, client: int, client_addr: bytes, client_port: int,
+                  dest_addr: bytes, dest_port: int) -> None:
+        """Steps 2-5 of the module docstring for one connection accept_connection returned
+        (its descriptor, then the addresses as 16 bytes and the ports). Either both
+        descriptors go to the relay, or the client is reset and nothing stays open."""
         try:
-            dest_addr, dest_port = client.getsockname()[:2]
-            # The table converts the address strings in C (cheaper than inet_pton here).
             entry = self.srh_table.lookup(client_addr, client_port, dest_addr, dest_port)
-            saved_syn = None
+            syn = None
             if entry is None:
-                saved_syn = client.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, SAVED_SYN_MAX)
-            route = resolve_route(entry, saved_syn, self.plan, self.stats,
-                                  self.config.max_segments)
+                syn = saved_syn(client, SAVED_SYN_MAX)
+            route = resolve_route(entry, syn, self.plan, self.stats, self.config.max_segments)
             try:
                 function = self.registry.by_id(route.function_id)
             except UnknownFunction as exc:
                 raise Rejected("unknown_function", str(exc)) from None
-            server = self.connect_onward(client_addr, client_port, dest_addr, dest_port,
-                                         route.onward)
-            client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if function.kind != KIND_SPLICE:  # spawn gets the flow's addresses
-                flow = (socket.inet_pton(socket.AF_INET6, client_addr), client_port,
-                        socket.inet_pton(socket.AF_INET6, dest_addr), dest_port,
-                        route.function_address)
-                self.relay.add_flow(client.detach(), server.detach(), function.slot,
-                                    function.address, function.python, route.params, flow)
-            else:
-                self.relay.add_flow(client.detach(), server.detach(), function.slot)
+            # Step 4; on failure it has closed its own socket.
+            server = connect_onward(client_addr, client_port, dest_addr, dest_port,
+                                    route.onward)
         except Rejected as rejected:
             self.stats.add(rejected.counter)
-            self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s", client_addr,
-                              client_port, rejected.counter, rejected)
-            reset_socket(client)
+            self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s",
+                              address_text(client_addr), client_port, rejected.counter, rejected)
+            reset_and_close(client)
+            return
         except OSError as exc:
             counter = "fd_exhausted" if exc.errno in FD_EXHAUSTED else "onward_failed"
             self.stats.add(counter)
             self.rlog.warning(counter, "reset %s:%d: onward connection failed: %s",
-                              client_addr, client_port, exc)
-            if server is not None:
-                server.close()
-            reset_socket(client)
+                              address_text(client_addr), client_port, exc)
+            reset_and_close(client)
+            return
+        # Step 5: the relay owns both descriptors from here, whatever add_flow does.
+        if function.kind != KIND_SPLICE:  # spawn gets the flow's addresses
+            flow = (client_addr, client_port, dest_addr, dest_port, route.function_address)
+            self.relay.add_flow(client, server, function.slot, function.address,
+                                function.python, route.params, flow)
+        else:
+            self.relay.add_flow(client, server, function.slot)
 
     # -- modules and the master's requests -------------------------------------------
     def load_module(self, path: str, slots: dict[str, int]) -> vfmodules.LoadedModule:
@@ -458,29 +452,6 @@ class Worker:
         if cmd == "module_stats":
             return {"stats": self.module_stats()}
         raise ValueError(f"unknown worker request {cmd!r}")
-
-    def connect_onward(self, client_addr: str, client_port: int, dest_addr: str,
-                       dest_port: int, onward: bytes | None) -> socket.socket:
-        """Step 4: a socket that looks like the client, starting a non-blocking connect."""
-        server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        try:
-            server.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # The client's port may equal our listeners' port; joining their SO_REUSEPORT
-            # group (same owner) is what lets the bind succeed then.
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            server.setblocking(False)
-            server.bind((client_addr, client_port))
-            if onward is not None:
-                server.setsockopt(SOL_IPV6, IPV6_RTHDR, onward)
-            status = server.connect_ex((dest_addr, dest_port))
-            if status not in (0, errno.EINPROGRESS):
-                raise OSError(status, os.strerror(status))
-        except OSError:
-            server.close()
-            raise
-        return server
 
 
 def drop_capabilities() -> None:

@@ -1,0 +1,171 @@
+"""Worker.accept_burst and Worker.open_flow over loopback sockets, with a fake SRH table
+and a fake relay: which counters move, what the relay is handed, and that a refused
+connection is reset with no descriptor left open. (tests/e2e runs the same code through
+TPROXY and SRv6.)"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from contextlib import closing
+
+import pytest
+
+from srv6pipes import _sockops
+from srv6pipes.config import build_config
+from srv6pipes.srh import SRH
+from srv6pipes.worker import Worker
+
+LOCATOR = "fc00:1::/80"
+LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
+SERVER = "fd00:5::1"
+XOR = 1
+TIMEOUT = 5.0
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="onward sockets set IPV6_TRANSPARENT (CAP_NET_ADMIN)")
+
+
+class Counters:
+    def __init__(self):
+        self.values = {}
+
+    def add(self, name, amount=1):
+        self.values[name] = self.values.get(name, 0) + amount
+
+
+class Table:
+    """The SRH table's lookup(), answering one entry for any key; records the keys."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.keys = []
+
+    def lookup(self, *key):
+        self.keys.append(key)
+        return self.entry
+
+
+class Relay:
+    """Records add_flow calls; the test closes the descriptors it was given."""
+
+    def __init__(self):
+        self.flows = []
+
+    def add_flow(self, client_fd, server_fd, *function):
+        self.flows.append((client_fd, server_fd, function))
+
+
+def make_worker(entry) -> Worker:
+    worker = Worker(0, build_config({"locator": LOCATOR}), None, Table(entry), Counters())
+    worker.relay = Relay()
+    return worker
+
+
+def table_entry(function_id: int):
+    srh = SRH.from_path([make_worker(None).plan.encode(function_id, 42), SERVER])
+    return (1, srh.to_bytes())
+
+
+def listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.bind(("::1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+def connect(listen: socket.socket) -> socket.socket:
+    """A client connection to listen, once it is in the accept queue."""
+    client = socket.create_connection(("::1", listen.getsockname()[1]), timeout=TIMEOUT)
+    assert select.select([listen], [], [], TIMEOUT)[0]
+    return client
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET6, socket.SOCK_STREAM)) as sock:
+        sock.bind(("::1", 0))
+        return sock.getsockname()[1]
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def assert_reset(client: socket.socket) -> None:
+    with pytest.raises(ConnectionResetError):
+        client.recv(16)
+
+
+def test_a_refused_connection_is_counted_logged_with_its_address_and_reset(caplog):
+    worker = make_worker(None)  # table miss, and the listener keeps no SYN: no_srh
+    with closing(listener()) as listen:
+        worker.listener = listen
+        with closing(connect(listen)) as client:
+            client_port, listen_port = client.getsockname()[1], listen.getsockname()[1]
+            before = open_descriptors()
+            with caplog.at_level(logging.WARNING, "srv6pipes.worker"):
+                worker.accept_burst()
+            assert open_descriptors() == before
+            assert_reset(client)
+    assert worker.stats.values == {"accepted": 1, "table_misses": 1, "no_srh": 1}
+    assert f"reset ::1:{client_port} -> no_srh" in caplog.text
+    assert worker.relay.flows == []
+    (key,) = worker.srh_table.keys
+    assert key == (LOOPBACK, client_port, LOOPBACK, listen_port)
+
+
+def test_a_failed_onward_connection_is_counted_and_both_sides_closed(caplog):
+    # On loopback the client's own socket holds the address the onward socket binds.
+    worker = make_worker(table_entry(XOR))
+    with closing(listener()) as listen:
+        worker.listener = listen
+        with closing(connect(listen)) as client:
+            before = open_descriptors()
+            with caplog.at_level(logging.WARNING, "srv6pipes.worker"):
+                worker.accept_burst()
+            assert open_descriptors() == before
+            assert_reset(client)
+    assert worker.stats.values == {"accepted": 1, "table_hits": 1, "onward_failed": 1}
+    assert f"onward connection failed: [Errno {errno.EADDRINUSE}]" in caplog.text
+
+
+def test_an_empty_queue_ends_the_burst_without_counting():
+    worker = make_worker(None)
+    with closing(listener()) as listen:
+        worker.listener = listen
+        worker.accept_burst()
+    assert worker.stats.values == {}
+
+
+@pytest.mark.parametrize("function_id", [0, XOR], ids=["identity", "xor"])
+def test_open_flow_hands_both_descriptors_and_the_binary_flow_to_the_relay(function_id):
+    worker = make_worker(table_entry(function_id))
+    function = worker.registry.by_id(function_id)
+    with closing(listener()) as front, closing(listener()) as backend:
+        with closing(connect(front)):
+            fd = _sockops.accept_connection(front.fileno())[0]
+            # As if a client at ::1:source_port had connected to the backend.
+            source_port, backend_port = free_port(), backend.getsockname()[1]
+            worker.open_flow(fd, LOOPBACK, source_port, LOOPBACK, backend_port)
+            (client_fd, server_fd, args), = worker.relay.flows
+            try:
+                assert client_fd == fd
+                if function_id == XOR:  # spawn gets the addresses as 16 bytes
+                    flow = (LOOPBACK, source_port, LOOPBACK, backend_port,
+                            worker.plan.encode(XOR, 42).packed)
+                    assert args == (function.slot, function.address, None, 42, flow)
+                else:
+                    assert args == (function.slot,)
+                # The onward socket looks like the client.
+                assert select.select([backend], [], [], TIMEOUT)[0]
+                onward, peer_addr, peer_port, _, _ = _sockops.accept_connection(
+                    backend.fileno())
+                _sockops.close_fd(onward)
+                assert (peer_addr, peer_port) == (LOOPBACK, source_port)
+            finally:
+                _sockops.close_fd(client_fd)
+                _sockops.close_fd(server_fd)
+    assert worker.stats.values == {"table_hits": 1}
