@@ -226,6 +226,9 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, lambda *_: os._exit(1))
         self.stats.set("pid", os.getpid())
+        # Inherited over fork without page tables: map the table in now, not one page
+        # fault per first-touched slot on the accept path (SrhTable.prefault).
+        self.srh_table.prefault()
         self.listener = make_listener(self.config.port)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
                                       MAX_FUNCTION_SLOTS, self.config.max_flows, self.config.buffer_size)
