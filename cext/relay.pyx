@@ -33,19 +33,26 @@ urgent data was signalled), so a pump skips the syscalls that would certainly bl
 makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list which the
 next poll serves (with a zero epoll timeout), so one fast flow cannot starve the others.
 
-Splice path details: empty pipes of closed flows are pooled (PIPE_POOL) instead of closed; a
-pipe that still holds bytes (reset flow) is never reused. splice() cannot read past TCP urgent
-data, so at the urgent mark one page is moved with recv() + write() into the empty pipe.
-If pipes cannot be created (EMFILE...) the flow uses the buffer path (splice_fallbacks).
+Splice path details: identity starts every direction on the buffer path (recv + send
+into the flow's buffer) and moves a direction to splice once it proves to be a bulk stream:
+STREAMER_READS reads in a row of at least a quarter of the buffer (HAProxy's splice-auto does
+the same). For the few hundred bytes of a request or a small reply, a pipe costs more than
+the copy (two splices and the pipe's page handling instead of one recv + one send: ~15 us per
+1 KB HTTP exchange here); for bulk it saves the copies. The switch happens when the buffer
+is empty, so bytes never overtake each other (`splice_switches` counts directions moved).
+Empty pipes of closed flows are pooled (PIPE_POOL) instead of closed; a pipe that still holds
+bytes (reset flow) is never reused. splice() cannot read past TCP urgent data, so at the
+urgent mark one page is moved with recv() + write() into the empty pipe. If a pipe cannot be
+had (EMFILE...) the flow stays on the buffer path (splice_fallbacks, once per flow).
 
 Functions (cext/srv6pipes_vf.h) are bound once per flow in add_flow(): a C descriptor
 (built-in, or from a loaded C module) or a Python function (vfapi.FlowAdapter behind a C
-trampoline that takes the GIL). No function means identity: splice(), or the buffer path
-without a transform if pipes cannot be had. Per direction the loop then takes one of three
+trampoline that takes the GIL). No function means identity: the buffer path without a
+transform, then splice() for directions that turn out to be bulk (above). Per direction the loop then takes one of three
 paths:
 
-  splice    identity: src -> pipe -> dst (zero copy);
-  in place  identity without pipes, and PIPES_VF_INPLACE functions (xor, dpi, count): one
+  splice    identity in bulk: src -> pipe -> dst (zero copy);
+  in place  identity until then, and PIPES_VF_INPLACE functions (xor, dpi, count): one
             buffer; each chunk read is transformed where it lies, then written;
   stream    every other function: an input buffer (bytes read, not yet consumed by the
             function) and an output buffer (function output not yet written). The function
@@ -166,6 +173,7 @@ FUNCTION_COUNTERS = (
     "flows_rejected",
     "vf_resets",          # the function asked for a reset (e.g. a DPI block)
     "vf_errors",          # the function failed: exception, PIPES_VF_ERROR, broken contract
+    "splice_switches",    # identity directions moved from the buffer path to splice (bulk)
 )
 
 cdef enum:
@@ -180,6 +188,7 @@ cdef enum:
     C_REJECTED
     C_VF_RESETS
     C_VF_ERRORS
+    C_SPLICE_SWITCHES
     N_COUNTERS
 
 assert N_COUNTERS == len(FUNCTION_COUNTERS)
@@ -198,6 +207,7 @@ cdef enum:
 cdef enum:
     PUMP_ROUNDS = 32        # rounds per pump before the flow yields to the ready list
     PIPE_POOL = 64          # empty pipes kept for reuse (2 descriptors each)
+    STREAMER_READS = 2      # big reads in a row that move an identity direction to splice
     MAX_EVENTS = 256
 
 # epoll_event.data.u64: generation << 32 | flow index << 1 | side. The generation makes a
@@ -231,6 +241,7 @@ cdef struct Dir:
     bint starved            # stream: the function made no progress on what it has; wait for input
     bint flushed            # stream: the EOF flush is complete (nothing more will come out)
     bint done               # FIN forwarded: shutdown(dst, SHUT_WR) done
+    int big_reads           # identity on the buffer path: reads in a row of >= buffer / 4
 
 
 cdef struct PooledPipe:
@@ -247,7 +258,7 @@ cdef struct Flow:
     bint fin[2]             # EPOLLRDHUP seen: the peer's FIN is queued behind the data
     int state
     uint32_t gen
-    bint use_pipes
+    bint use_pipes          # identity: bulk directions move to splice (cleared if no pipe)
     bint stream             # the stream path (in + out buffer per direction)
     uint64_t *ctr           # this flow's function-slot counters
     const pipes_func_desc *fn   # NULL: identity
@@ -350,7 +361,7 @@ cdef class RelayLoop:
     cdef epoll_event *events
     cdef PooledPipe pool[PIPE_POOL]
     cdef int pool_len
-    cdef public bint fail_pipes_for_testing  # makes add_flow take the splice fallback path
+    cdef public bint fail_pipes_for_testing  # makes the switch to splice take the fallback path
 
     def __cinit__(self):
         self.epfd = -1
@@ -505,14 +516,7 @@ cdef class RelayLoop:
         f.use_pipes = False
         f.stream = False
         if fn == NULL and pyfunction is None:
-            f.use_pipes = True
-            for d in range(2):
-                if self.fail_pipes_for_testing or self._get_pipe(&f.dir[d]) < 0:
-                    f.use_pipes = False
-                    break
-            if not f.use_pipes:
-                self._close_pipes(f)
-                ctr[C_SPLICE_FALLBACKS] += 1
+            f.use_pipes = True      # pipes come when a direction proves to be bulk
         elif fn != NULL:
             f.fn = fn
             f.process = fn.process
@@ -520,7 +524,7 @@ cdef class RelayLoop:
         else:
             f.process = py_process
             f.stream = True
-        if not f.use_pipes and self._alloc_buffers(f) < 0:
+        if self._alloc_buffers(f) < 0:
             # Undo the start: this flow never existed.
             ctr[C_STARTED] -= 1
             ctr[C_ACTIVE] -= 1
@@ -668,15 +672,15 @@ cdef class RelayLoop:
         if f.state != OPEN:
             return 0
         while True:
-            if f.use_pipes:
-                a = self._step_pipe(f, 0)
-                b = self._step_pipe(f, 1) if a >= 0 else 0
-            elif f.stream:
+            if f.stream:
                 a = self._step_stream(f, 0)
                 b = self._step_stream(f, 1) if a >= 0 else 0
-            else:
-                a = self._step_buf(f, 0)
-                b = self._step_buf(f, 1) if a >= 0 else 0
+            else:   # identity and in place; an identity direction in bulk has a pipe
+                a = (self._step_pipe(f, 0) if f.dir[0].pipe_r >= 0 else self._step_buf(f, 0))
+                if a >= 0:
+                    b = (self._step_pipe(f, 1) if f.dir[1].pipe_r >= 0 else self._step_buf(f, 1))
+                else:
+                    b = 0
             if a < 0 or b < 0:
                 a = a if a < 0 else b
                 if a == STEP_VF_RESET:
@@ -706,6 +710,9 @@ cdef class RelayLoop:
         cdef int progress = 0
         if x.done:
             return 0
+        if (f.use_pipes and x.big_reads >= STREAMER_READS and x.pending == 0 and not x.eof
+                and self._to_splice(f, x)):
+            return self._step_pipe(f, d)
         if x.pending and f.wr[dst]:
             # Once the source's FIN is known to follow, MSG_MORE holds the last bytes back
             # for the shutdown() that comes next in this pump: the FIN rides on the last
@@ -726,6 +733,8 @@ cdef class RelayLoop:
                     r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
                     if r < 0:
                         return r
+                elif n > 0 and f.use_pipes:
+                    x.big_reads = x.big_reads + 1 if <size_t>n * 4 >= self.buffer_size else 0
                 x.pending += n
                 progress |= n > 0 or x.eof or f.rd[src]
         if x.eof and x.pending == 0:
@@ -976,6 +985,17 @@ cdef class RelayLoop:
             r = fcntl(p[1], F_GETPIPE_SZ)
         x.pipe_cap = r if r > 0 else 65536
         return 0
+
+    cdef bint _to_splice(self, Flow *f, Dir *x) noexcept nogil:
+        """Moves an identity direction whose buffer is empty to splice. False (and the
+        flow stays on the buffer path for good) when no pipe can be had."""
+        if self.fail_pipes_for_testing or self._get_pipe(x) < 0:
+            f.use_pipes = False
+            f.ctr[C_SPLICE_FALLBACKS] += 1
+            return False
+        x.start = 0
+        f.ctr[C_SPLICE_SWITCHES] += 1
+        return True
 
     cdef void _close_pipes(self, Flow *f) noexcept nogil:
         """Returns each empty pipe to the pool (HAProxy's trick: two pipe2 + two fcntl + four

@@ -514,6 +514,15 @@ def transfer_both_ways(env, mode, size, **proxy_kwargs):
 def test_both_directions_arrive_intact(env, mode, size):
     proxy = transfer_both_ways(env, mode, size)
     assert proxy.counter("splice_fallbacks") == 0
+    if mode != "splice" or size <= 1000:
+        # Functions never splice; identity keeps small exchanges on the buffer path.
+        assert proxy.counter("splice_switches") == 0
+
+
+def test_identity_moves_bulk_directions_to_splice(env):
+    """8 MiB each way is bulk: both directions leave the buffer path for a pipe."""
+    proxy = transfer_both_ways(env, "splice", 8 * MIB)
+    assert proxy.counter("splice_switches") == 2
 
 
 @pytest.mark.slow
@@ -772,8 +781,9 @@ def test_shutdown_resets_or_closes_open_flows(env):
 
 # -- splice fallback and table limits ----------------------------------------------------------
 def test_splice_fallback_uses_the_buffer_path(env):
-    proxy = transfer_both_ways(env, "splice", MIB, fail_pipes=True)
-    assert proxy.counter("splice_fallbacks") == 1
+    proxy = transfer_both_ways(env, "splice", 8 * MIB, fail_pipes=True)
+    assert proxy.counter("splice_fallbacks") == 1   # once per flow, not per direction
+    assert proxy.counter("splice_switches") == 0
 
 
 def test_full_table_resets_the_client_and_counts_it(env):
