@@ -7,7 +7,7 @@ a file from lighttpd on S through pairs of functions that undo each other: [P1 x
 P2 xor 42] (P1 scrambles the bytestream, P2 unscrambles it, so S gets a valid HTTP request
 and C gets the original file), [compress, decompress], [encrypt, decrypt], then the
 example C module vf_caesar loaded into the running daemons ([caesar 7, uncaesar 7]), and
-[identity, identity] (splice path). It prints what each side saw.
+[identity, identity] (recv/send, then splice for bulk). It prints what each side saw.
 """
 from __future__ import annotations
 

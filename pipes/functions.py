@@ -3,7 +3,8 @@
 Called by a worker once per accepted connection, after the SRH lookup: the function bits of
 this proxy's segment pick a `Function`, which tells the relay loop how to run the flow:
 
-  splice   identity: zero copy through splice(), no function code at all;
+  splice   identity: no function code at all; recv/send for small exchanges, zero copy
+           through splice() once a direction is bulk (cext/relay.pyx, splice-auto);
   c        a C `pipes_func_desc` (built in, cext/vf_builtin.h, or from a loaded C module),
            called by the relay through its address with no Python per chunk;
   python   a vfapi.Function, run by the relay through a C trampoline.
@@ -58,7 +59,7 @@ def builtin_functions() -> list[Function]:
     from . import _vf, vf_crypto
 
     functions = [Function(0, "identity", KIND_SPLICE,
-                          description="forwards the bytestream unchanged, zero copy (splice)")]
+                          description="forwards the bytestream unchanged, zero copy (splice) in bulk")]
     functions += [Function(d["id"], d["name"], KIND_C, description=d["description"] or "",
                            address=d["address"]) for d in _vf.BUILTIN_FUNCTIONS]
     functions += [Function(f.id, f.name, KIND_PYTHON, description=f.description, python=f)
