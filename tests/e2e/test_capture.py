@@ -27,6 +27,8 @@ from srv6pipes.ratelimit import RateLimitedLogger
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
 
 from childrun import run_in_child
+from synpackets import (ipv6_packet, scratch_table, syn_with_srh, table_counts,
+                        tcp_header)
 
 A = ipaddress.IPv6Address
 CLIENT = A("fc00:c::1")
@@ -39,39 +41,17 @@ IPV6_RTHDR = 57
 
 @pytest.fixture
 def table():
-    name = f"cap{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    writer = _srhtable.SrhTable.create(name, nslots=256)
-    yield writer
-    writer.close()
-    _srhtable.unlink(name)
+    with scratch_table("cap") as writer:
+        yield writer
 
 
 # -- per-packet logic, no network -------------------------------------------------------
-def tcp_header(sport=40000, dport=80, flags=0x02):
-    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-
-
-def ipv6_packet(src, dst, next_header, payload):
-    return (struct.pack("!IHBB", 6 << 28, len(payload), next_header, 64)
-            + A(src).packed + A(dst).packed + payload)
-
-
-def syn_with_srh(srh, sport=40000, dport=80, flags=0x02):
-    return ipv6_packet(CLIENT, srh.active_segment, 43,
-                       srh.to_bytes() + tcp_header(sport, dport, flags))
-
-
-def counts(table):
-    values = table.counters()
-    return {k: v for k, v in values.items() if k in _srhtable.COUNTERS and v}
-
-
 def test_syn_with_srh_is_inserted_under_the_workers_key(table):
     srh = SRH((SERVER, P2, P1), segments_left=2)
     assert capture.SynCapture(table, 0).handle_payload(syn_with_srh(srh)) == "inserts"
     # The worker sees peer = client, local = final destination.
     assert table.lookup(CLIENT.packed, 40000, SERVER.packed, 80) == (2, srh.to_bytes())
-    assert counts(table) == {"syn_seen": 1, "inserts": 1}
+    assert table_counts(table) == {"syn_seen": 1, "inserts": 1}
 
 
 def test_srh_with_tlvs_is_kept_whole(table):
@@ -93,13 +73,13 @@ def test_srh_with_tlvs_is_kept_whole(table):
 ])
 def test_other_packets_are_counted_not_inserted(table, packet, counter):
     assert capture.SynCapture(table, 0).handle_payload(packet) == counter
-    assert counts(table) == {"syn_seen": 1, counter: 1}
+    assert table_counts(table) == {"syn_seen": 1, counter: 1}
 
 
 def test_srh_too_large_for_a_slot_is_rejected(table):
     srh = SRH(tuple(A(f"fc00:9::{i + 1:x}") for i in range(64)))  # 8 + 64 * 16 > 1024
     assert capture.SynCapture(table, 0).handle_payload(syn_with_srh(srh)) == "rejected"
-    assert counts(table) == {"syn_seen": 1, "rejected": 1}
+    assert table_counts(table) == {"syn_seen": 1, "rejected": 1}
 
 
 def test_truncated_copy_of_a_long_syn_still_parses(table):
@@ -140,7 +120,7 @@ def test_capture_errors_are_counted(table, monkeypatch):
 
     monkeypatch.setattr(capture, "find_srh", broken)
     assert capture.SynCapture(table, 0).handle_payload(b"x" * 60) == "errors"
-    assert counts(table) == {"syn_seen": 1, "errors": 1}
+    assert table_counts(table) == {"syn_seen": 1, "errors": 1}
 
 
 def test_rate_limited_logger_suppresses_and_reports(caplog):

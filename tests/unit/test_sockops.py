@@ -16,6 +16,8 @@ import pytest
 from srv6pipes import _sockops
 from srv6pipes.srh import SRH
 
+from loopback import free_port, open_descriptors
+
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
 TCP_SAVE_SYN = 27
 IPV6_RTHDR = 57
@@ -44,15 +46,6 @@ def accept_when_ready(listen: socket.socket):
     return accepted
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with closing(socket.socket(socket.AF_INET6, socket.SOCK_STREAM)) as sock:
-        sock.bind(("::1", 0))
-        return sock.getsockname()[1]
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def wait_connected(fd: int) -> int:

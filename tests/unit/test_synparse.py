@@ -3,59 +3,36 @@ parser (srh.find_srh): whatever the fast path accepts, the Python path must acce
 same key, segments-left and SRH bytes; everything else it must leave alone (None, nothing
 counted), so pipes/capture.py's Python path still decides, counts and logs it."""
 import ipaddress
-import os
 import struct
-import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from srv6pipes import _srhtable
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, SRHError, TLV, find_srh
 
+import synpackets
+from synpackets import CLIENT, extension, scratch_table, syn_with_srh, table_counts, tcp_header
+
 A = ipaddress.IPv6Address
-CLIENT = A("fc00:c::1")
 SERVER = A("fc00:5::80")
 P1 = A("fc00:1::1")
 
 
 @pytest.fixture
 def table():
-    name = f"syn{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    writer = _srhtable.SrhTable.create(name, nslots=256)
-    yield writer
-    writer.close()
-    _srhtable.unlink(name)
+    with scratch_table("syn") as writer:
+        yield writer
 
 
-def tcp_header(sport=40000, dport=80, flags=0x02):
-    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-
-
-def ipv6_packet(dst, next_header, payload, payload_length=None):
-    length = len(payload) if payload_length is None else payload_length
-    return (struct.pack("!IHBB", 6 << 28, length, next_header, 64)
-            + CLIENT.packed + A(dst).packed + payload)
-
-
-def extension(next_header, units=0):
-    """A generic extension header (hop-by-hop or destination options) with PadN only."""
-    return bytes([next_header, units]) + bytes(6 + 8 * units)
-
-
-def syn(srh, sport=40000, dport=80, flags=0x02):
-    return ipv6_packet(srh.active_segment, 43, srh.to_bytes() + tcp_header(sport, dport, flags))
-
-
-def counts(table):
-    return {k: v for k, v in table.counters().items() if k in _srhtable.COUNTERS and v}
+def ipv6_packet(dst, next_header, payload):
+    return synpackets.ipv6_packet(CLIENT, dst, next_header, payload)
 
 
 def test_common_syn_is_inserted_and_counted(table):
     srh = SRH((SERVER, P1), segments_left=1)
-    assert table.record_syn(syn(srh, sport=1234)) == (CLIENT.packed, 1234, SERVER.packed, 80)
+    assert table.record_syn(syn_with_srh(srh, sport=1234)) == (CLIENT.packed, 1234, SERVER.packed, 80)
     assert table.lookup(CLIENT.packed, 1234, SERVER.packed, 80) == (1, srh.to_bytes())
-    assert counts(table) == {"syn_seen": 1, "inserts": 1}
+    assert table_counts(table) == {"syn_seen": 1, "inserts": 1}
 
 
 def test_hop_by_hop_and_destination_options_around_the_srh(table):
@@ -69,11 +46,11 @@ def test_hop_by_hop_and_destination_options_around_the_srh(table):
 
 @pytest.mark.parametrize("packet", [
     ipv6_packet(SERVER, 6, tcp_header()),                                  # no SRH
-    syn(SRH((SERVER, P1)), flags=0x12),                                    # SYN-ACK
-    syn(SRH((SERVER, P1)), flags=0x10),                                    # ACK
-    syn(SRH((SERVER, P1), tlvs=(TLV(RETURN_PATH_TLV, P1.packed),))),       # TLVs
-    syn(SRH(tuple(A(f"fc00:9::{i + 1:x}") for i in range(64)))),           # > slot size
-    syn(SRH((SERVER, P1)))[:60],                                           # truncated
+    syn_with_srh(SRH((SERVER, P1)), flags=0x12),                                    # SYN-ACK
+    syn_with_srh(SRH((SERVER, P1)), flags=0x10),                                    # ACK
+    syn_with_srh(SRH((SERVER, P1), tlvs=(TLV(RETURN_PATH_TLV, P1.packed),))),       # TLVs
+    syn_with_srh(SRH(tuple(A(f"fc00:9::{i + 1:x}") for i in range(64)))),           # > slot size
+    syn_with_srh(SRH((SERVER, P1)))[:60],                                           # truncated
     ipv6_packet(P1, 44, struct.pack("!BBHI", 6, 0, 0, 1) + tcp_header()),  # fragment header
     ipv6_packet(P1, 43, bytes([6, 2, 0, 1, 0, 0, 0, 0]) + bytes(16) + tcp_header()),  # type 0
     ipv6_packet(P1, 43, bytes([6, 2, 4, 5, 0, 0, 0, 0]) + bytes(16) + tcp_header()),  # SL > LE
@@ -82,7 +59,7 @@ def test_hop_by_hop_and_destination_options_around_the_srh(table):
 ])
 def test_everything_else_is_left_to_the_python_path(table, packet):
     assert table.record_syn(packet) is None
-    assert counts(table) == {}
+    assert table_counts(table) == {}
 
 
 segments = st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=70)

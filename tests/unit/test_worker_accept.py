@@ -18,6 +18,8 @@ from srv6pipes.config import build_config
 from srv6pipes.srh import SRH
 from srv6pipes.worker import Worker
 
+from loopback import free_port, open_descriptors
+
 LOCATOR = "fc00:1::/80"
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
 SERVER = "fd00:5::1"
@@ -84,14 +86,6 @@ def connect(listen: socket.socket) -> socket.socket:
     return client
 
 
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET6, socket.SOCK_STREAM)) as sock:
-        sock.bind(("::1", 0))
-        return sock.getsockname()[1]
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def assert_reset(client: socket.socket) -> None:
