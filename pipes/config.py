@@ -104,7 +104,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rule_priority", "--rule-priority", 100, _positive_int,
             "priority of the fwmark rule (off-path return rules take the two below it)", "PRIO"),
     Setting("table_slots", "--table-slots", 65536, _positive_int,
-            "slots of the shared-memory SRH table", "N"),
+            "slots of the shared-memory SRH table (1088 bytes each, committed at start: "
+            "the default takes 68 MiB)", "N"),
     Setting("table_ttl_ms", "--table-ttl-ms", 30000, _positive_int,
             "age after which an SRH table entry is stale", "MS"),
     Setting("return_mode", "--return-mode", "on-path", _choice("on-path", "reverse", "tlv"),
@@ -115,7 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_flows", "--max-flows", 65536, _positive_int,
             "flows per worker; beyond it new connections are reset", "N"),
     Setting("buffer_size", "--buffer-size", 65536, _positive_int,
-            "relay buffer per direction for functions that transform bytes", "BYTES"),
+            "relay buffer per direction (identity until a direction is bulk and moves to "
+            "splice, and every function that transforms bytes)", "BYTES"),
     Setting("drain_timeout", "--drain-timeout", 30.0, float,
             "seconds a stopping worker waits for its flows to finish", "SECONDS"),
     Setting("modules", "--modules", "", _paths,
