@@ -13,10 +13,15 @@ kernel that does not.
     struct inet_diag_req_v2 { __u8 family, protocol, ext, pad; __u32 states;
         struct inet_diag_sockid { __be16 sport, dport; __be32 src[4], dst[4]; __u32 if;
                                   __u32 cookie[2]; } id; };
-    answer: SOCK_DIAG_BY_FAMILY messages (struct inet_diag_msg { __u8 family, state; ...})
+    answer: SOCK_DIAG_BY_FAMILY messages (struct inet_diag_msg { __u8 family, state, timer,
+            retrans; struct inet_diag_sockid id; ...}: the socket's cookie at offset 44)
             then NLMSG_ERROR (__s32 error: 0 = done, -ENOENT = no such socket)
+
+SOCK_DESTROY ignores the request's state mask (tcp_diag_destroy destroys whatever socket has
+the tuple), so a destroy names the cookie the lookup returned: it then destroys exactly the
+socket that was seen in TIME_WAIT, or answers ENOENT.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR, ENOENT
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -46,6 +51,7 @@ cdef enum:
     REPLY_BUFFER = 8192
 
 NO_SOCKET = -1   # ask(): the kernel has no socket with that tuple
+ANY_SOCKET = 0xFFFFFFFFFFFFFFFF   # INET_DIAG_NOCOOKIE: a request not tied to one socket
 
 
 cdef inline void _put_u32(uint8_t *p, uint32_t v) noexcept nogil:
@@ -57,12 +63,14 @@ cdef inline void _put_u16(uint8_t *p, uint16_t v) noexcept nogil:
 
 
 def ask(int fd, int kind, bytes local, int local_port, bytes remote, int remote_port,
-        uint32_t seq):
+        uint32_t seq, uint64_t cookie=ANY_SOCKET):
     """Sends one request (kind SOCK_DIAG_BY_FAMILY or SOCK_DESTROY) for the TCP socket
-    local:local_port <-> remote:remote_port (16-byte addresses) and reads the answer.
+    local:local_port <-> remote:remote_port (16-byte addresses), or only the one with that
+    cookie, and reads the answer.
 
-    Returns the socket's TCP state for a lookup (0 after a destroy) or NO_SOCKET.
-    Raises OSError for any other kernel answer or a failed send/recv."""
+    Returns (TCP state, cookie) of the socket for a lookup, (0, cookie) after a destroy,
+    or (NO_SOCKET, ANY_SOCKET). Raises OSError for any other kernel answer or a failed
+    send/recv."""
     cdef uint8_t request[REQUEST_LENGTH]
     cdef uint8_t reply[REPLY_BUFFER]
     cdef uint8_t *body = request + NLMSG_HEADER
@@ -72,6 +80,8 @@ def ask(int fd, int kind, bytes local, int local_port, bytes remote, int remote_
     cdef uint16_t msg_kind
     cdef int32_t code
     cdef int state = 0
+    cdef uint64_t found_cookie = cookie
+    cdef uint32_t half
     if PyBytes_GET_SIZE(local) != 16 or PyBytes_GET_SIZE(remote) != 16:
         raise ValueError("addresses are 16 bytes")
     if not (0 <= local_port <= 65535 and 0 <= remote_port <= 65535):
@@ -88,8 +98,8 @@ def ask(int fd, int kind, bytes local, int local_port, bytes remote, int remote_
     _put_u16(body + 10, htons(<uint16_t>remote_port))
     memcpy(body + 12, PyBytes_AS_STRING(local), 16)
     memcpy(body + 28, PyBytes_AS_STRING(remote), 16)
-    _put_u32(body + 48, 0xFFFFFFFF)   # INET_DIAG_NOCOOKIE
-    _put_u32(body + 52, 0xFFFFFFFF)
+    _put_u32(body + 48, <uint32_t>(cookie & 0xFFFFFFFF))   # cookie[0], cookie[1]: as
+    _put_u32(body + 52, <uint32_t>(cookie >> 32))          # the kernel wrote them
     while True:
         n = send(fd, request, REQUEST_LENGTH, 0)
         if n >= 0:
@@ -111,12 +121,16 @@ def ask(int fd, int kind, bytes local, int local_port, bytes remote, int remote_
                 if msg_kind == NLMSG_ERROR and offset + NLMSG_HEADER + 4 <= <size_t>n:
                     memcpy(&code, reply + offset + NLMSG_HEADER, 4)
                     if code == 0:
-                        return state
+                        return state, found_cookie
                     if code == -ENOENT:
-                        return NO_SOCKET
+                        return NO_SOCKET, ANY_SOCKET
                     raise OSError(-code, "sock_diag: " + os.strerror(-code))
-                if msg_kind == MSG_SOCK_DIAG_BY_FAMILY and offset + NLMSG_HEADER + 2 <= <size_t>n:
+                if msg_kind == MSG_SOCK_DIAG_BY_FAMILY and offset + NLMSG_HEADER + 52 <= <size_t>n:
                     state = reply[offset + NLMSG_HEADER + 1]
+                    memcpy(&half, reply + offset + NLMSG_HEADER + 44, 4)
+                    found_cookie = half
+                    memcpy(&half, reply + offset + NLMSG_HEADER + 48, 4)
+                    found_cookie |= (<uint64_t>half) << 32
             if length < NLMSG_HEADER:
                 break
             offset += (length + 3) & ~(<uint32_t>3)

@@ -57,19 +57,23 @@ class TimeWaitReaper:
         """Called per SYN before its verdict; True if a TIME_WAIT socket was retired.
         Raises OSError for kernel answers other than success and 'no such socket'."""
         local, remote = _packed(local), _packed(remote)
-        state = self._ask(_timewait.SOCK_DIAG_BY_FAMILY, local, local_port, remote, remote_port)
+        state, cookie = self._ask(_timewait.SOCK_DIAG_BY_FAMILY, local, local_port, remote,
+                                  remote_port)
         if state != TCP_TIME_WAIT:
             return False
-        if self._ask(_timewait.SOCK_DESTROY, local, local_port, remote,
-                     remote_port) == _timewait.NO_SOCKET:
+        # By cookie: SOCK_DESTROY ignores states, so only this exact socket may go.
+        state, _ = self._ask(_timewait.SOCK_DESTROY, local, local_port, remote, remote_port,
+                             cookie)
+        if state == _timewait.NO_SOCKET:
             return False
         self.retired += 1
         return True
 
     def _ask(self, kind: int, local: bytes, local_port: int, remote: bytes,
-             remote_port: int) -> int:
+             remote_port: int, cookie: int = _timewait.ANY_SOCKET) -> tuple[int, int]:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        return _timewait.ask(self.fd, kind, local, local_port, remote, remote_port, self.seq)
+        return _timewait.ask(self.fd, kind, local, local_port, remote, remote_port, self.seq,
+                             cookie)
 
     def close(self) -> None:
         self.sock.close()
