@@ -116,8 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_flows", "--max-flows", 65536, _positive_int,
             "flows per worker; beyond it new connections are reset", "N"),
     Setting("buffer_size", "--buffer-size", 65536, _positive_int,
-            "relay buffer per direction (identity until a direction is bulk and moves to "
-            "splice, and every function that transforms bytes)", "BYTES"),
+            "relay buffer per direction for functions that transform bytes (identity uses "
+            "at most 16 KiB until a direction is bulk and moves to splice)", "BYTES"),
     Setting("drain_timeout", "--drain-timeout", 30.0, float,
             "seconds a stopping worker waits for its flows to finish", "SECONDS"),
     Setting("modules", "--modules", "", _paths,
