@@ -198,15 +198,20 @@ def test_stats_count_bytes_per_function_and_table_hits(lab):
     assert len(stats["workers"]) == 2
 
 
+REUSED_PORT = 31678
+
+
 def test_client_port_reuse_after_server_closed_first(lab):
     """The server closes first, so the proxy holds TIME_WAIT toward the client; a new
     connection from the same client port must not stall (the capture retires it)."""
     before = lab.proxies["p1"].stats()["srh_table"]["time_wait_retired"]
+    # Fixed client ports below the ephemeral range (32768-60999): an earlier test's
+    # connection can still hold a port inside it (not in TIME_WAIT), and bind would fail.
     for _ in range(4):
         started = time.monotonic()
         sock = lab.connect([lab.address("p1", "identity")], port=CLOSE_PORT, timeout=5,
-                           source_port=45678)
-        assert read_to_eof(sock)[:64].split()[1] == b"45678"
+                           source_port=REUSED_PORT)
+        assert read_to_eof(sock)[:64].split()[1] == str(REUSED_PORT).encode()
         assert time.monotonic() - started < 1.0
         time.sleep(0.05)    # let the proxy's side reach TIME_WAIT
     assert lab.proxies["p1"].stats()["srh_table"]["time_wait_retired"] >= before + 3
@@ -217,9 +222,9 @@ def test_client_port_reuse_after_client_closed_first(lab):
     server) holds TIME_WAIT; the next connection from the same port must still get through."""
     for _ in range(4):
         started = time.monotonic()
-        sock = lab.connect([lab.address("p1", "identity")], timeout=5, source_port=45679)
+        sock = lab.connect([lab.address("p1", "identity")], timeout=5, source_port=REUSED_PORT + 1)
         sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock)[:64].split()[1] == b"45679"
+        assert read_to_eof(sock)[:64].split()[1] == str(REUSED_PORT + 1).encode()
         assert time.monotonic() - started < 1.0
         time.sleep(0.05)
 
