@@ -11,7 +11,6 @@ Signal handlers only queue the signal; the main loop calls one handle_<signal> m
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os

@@ -28,7 +28,6 @@ import errno
 import ipaddress
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Sequence

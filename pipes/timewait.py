@@ -17,7 +17,6 @@ messages are built and parsed in cext/timewait.pyx.
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 
@@ -28,15 +27,6 @@ TCP_TIME_WAIT = 6
 # How long a sock_diag answer may take. The kernel answers inside send(); this only keeps a
 # kernel that does not from stalling the capture (and every SYN behind it).
 ANSWER_TIMEOUT = struct.pack("ll", 1, 0)  # struct timeval: 1 s
-
-
-def _packed(address) -> bytes:
-    """16 bytes from bytes, IPv6Address or text (bytes on the per-SYN path: no parsing)."""
-    if isinstance(address, bytes):
-        return address
-    if isinstance(address, ipaddress.IPv6Address):
-        return address.packed
-    return ipaddress.IPv6Address(address).packed
 
 
 class TimeWaitReaper:
@@ -51,12 +41,11 @@ class TimeWaitReaper:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, ANSWER_TIMEOUT)
         self.fd = self.sock.fileno()
         self.seq = 0
-        self.retired = 0
 
-    def retire(self, local, local_port: int, remote, remote_port: int) -> bool:
-        """Called per SYN before its verdict; True if a TIME_WAIT socket was retired.
-        Raises OSError for kernel answers other than success and 'no such socket'."""
-        local, remote = _packed(local), _packed(remote)
+    def retire(self, local: bytes, local_port: int, remote: bytes, remote_port: int) -> bool:
+        """Called per SYN before its verdict, addresses as 16 bytes; True if a TIME_WAIT
+        socket was retired. Raises OSError for kernel answers other than success and 'no
+        such socket'."""
         state, cookie = self._ask(_timewait.SOCK_DIAG_BY_FAMILY, local, local_port, remote,
                                   remote_port)
         if state != TCP_TIME_WAIT:
@@ -64,10 +53,7 @@ class TimeWaitReaper:
         # By cookie: SOCK_DESTROY ignores states, so only this exact socket may go.
         state, _ = self._ask(_timewait.SOCK_DESTROY, local, local_port, remote, remote_port,
                              cookie)
-        if state == _timewait.NO_SOCKET:
-            return False
-        self.retired += 1
-        return True
+        return state != _timewait.NO_SOCKET
 
     def _ask(self, kind: int, local: bytes, local_port: int, remote: bytes,
              remote_port: int, cookie: int = _timewait.ANY_SOCKET) -> tuple[int, int]:

@@ -11,12 +11,9 @@ import struct
 import threading
 import time
 
-import pytest
-
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.labapps import Pipesd
 from srv6pipes.srh import SRH
-from srv6pipes.testbed import Testbed
 
 IPV6_RTHDR = 57
 ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
