@@ -712,7 +712,6 @@ cdef class RelayLoop:
         cdef int src = d, dst = 1 - d
         cdef ssize_t n
         cdef int r
-        cdef size_t room
         cdef int progress = 0
         if x.done:
             return 0
@@ -728,21 +727,16 @@ cdef class RelayLoop:
                 return r
             progress |= r
         if not x.eof and f.rd[src]:
-            if x.pending == 0:
-                x.start = 0
-            room = f.bufsize - x.start - x.pending
-            if room > 0:
-                n = self._recv(f, d, x.buf + x.start + x.pending, room)
-                if n < 0:
-                    return <int>n
-                if n > 0 and f.process != NULL:
-                    r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
-                    if r < 0:
-                        return r
-                elif n > 0 and f.use_pipes:
-                    x.big_reads = x.big_reads + 1 if <size_t>n * 4 >= f.bufsize else 0
-                x.pending += n
-                progress |= n > 0 or x.eof or f.rd[src]
+            n = self._fill(f, d, &progress)
+            if n < 0:
+                return <int>n
+            if n > 0 and f.process != NULL:
+                r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
+                if r < 0:
+                    return r
+            elif n > 0 and f.use_pipes:
+                x.big_reads = x.big_reads + 1 if <size_t>n * 4 >= f.bufsize else 0
+            x.pending += n
         if x.eof and x.pending == 0:
             if shutdown(f.fd[dst], SHUT_WR) < 0:
                 return -1
@@ -768,6 +762,23 @@ cdef class RelayLoop:
         if n < 0 and errno == EINTR:
             return 1
         return STEP_SOCKET_ERROR
+
+    cdef ssize_t _fill(self, Flow *f, int d, int *progress) noexcept nogil:
+        """Reads into direction d's buffer, after its pending bytes, if there is room (the
+        caller accounts for what was read). Returns the bytes read (0: none now, EOF or no
+        room) or STEP_SOCKET_ERROR; sets *progress if the pump should go round again."""
+        cdef Dir *x = &f.dir[d]
+        cdef size_t room
+        cdef ssize_t n
+        if x.pending == 0:
+            x.start = 0
+        room = f.bufsize - x.start - x.pending
+        if room == 0:
+            return 0
+        n = self._recv(f, d, x.buf + x.start + x.pending, room)
+        if n >= 0 and (n > 0 or x.eof or f.rd[d]):
+            progress[0] = 1
+        return n
 
     cdef ssize_t _recv(self, Flow *f, int d, unsigned char *p, size_t room) noexcept nogil:
         """Reads up to room bytes of direction d's source into p. Returns the bytes read,
@@ -808,7 +819,7 @@ cdef class RelayLoop:
         cdef Dir *x = &f.dir[d]
         cdef int src = d, dst = 1 - d
         cdef ssize_t n
-        cdef size_t room, consumed
+        cdef size_t consumed
         cdef int r
         cdef int progress = 0
         if x.done:
@@ -819,21 +830,16 @@ cdef class RelayLoop:
                 return r
             progress |= r
         if not x.eof and f.rd[src]:
-            if x.pending == 0:
-                x.start = 0
-            elif x.start + x.pending == f.bufsize:
+            if x.pending and x.start + x.pending == f.bufsize:
                 # Unconsumed input at the end of the buffer: move it to the front for room.
                 memmove(x.buf, x.buf + x.start, x.pending)
                 x.start = 0
-            room = f.bufsize - x.start - x.pending
-            if room > 0:
-                n = self._recv(f, d, x.buf + x.start + x.pending, room)
-                if n < 0:
-                    return <int>n
-                if n > 0:
-                    x.pending += n
-                    x.starved = False
-                progress |= n > 0 or x.eof or f.rd[src]
+            n = self._fill(f, d, &progress)
+            if n < 0:
+                return <int>n
+            if n > 0:
+                x.pending += n
+                x.starved = False
         # The function runs once its last output is written: bounded output, no queue.
         if x.olen == 0 and not x.flushed and (x.eof or x.more or (x.pending and not x.starved)):
             consumed = x.pending
