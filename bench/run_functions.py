@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lab import figures, report  # noqa: E402
 from lab.checks import CheckFailed  # noqa: E402
 from lab.modes import ModeUnavailable, Pipesd, PipesdChain, Router  # noqa: E402
-from lab.pinning import PINNINGS, Pinning  # noqa: E402
+from lab.pinning import PINNINGS, Pinning, pinning_note  # noqa: E402
 from lab.runplan import run_in_workdir, timing  # noqa: E402
 from lab.workloads import Workload  # noqa: E402
 from run_lab import (RESULTS_DIR, Lab, describe, load_testbed, measure,  # noqa: E402
@@ -224,10 +224,8 @@ def finish(plan, results, cells, stamp):
 def add_notes(plan, results):
     notes = results["notes"]
     pin = results["settings"]["pinning"]
-    notes.append(f"pinning {pin['name']}: client on CPU {pin['client_cpus']}, servers on CPU "
-                 f"{pin['server_cpus']}, middleboxes (p1, and p2 in Fig. 11) on "
-                 f"{'CPU ' + pin['middlebox_cpus'] if pin['middlebox_cpus'] else 'any CPU'}"
-                 + (f", RPS masks {pin['rps']} (p2 gets p1's)" if pin["rps"] else ""))
+    notes.append(pinning_note(pin, "middleboxes (p1, and p2 in Fig. 11)",
+                              " (p2 gets p1's)"))
     notes.append("before measuring, each case proved its path: the 100 KB file arrived "
                  "intact through it, each middlebox held (proxies) or did not hold (routers) "
                  "the check's bulk connection, and each pipesd's counters show the claimed "

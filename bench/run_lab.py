@@ -29,7 +29,7 @@ from lab import report  # noqa: E402
 from lab.checks import CheckFailed, wait_quiet  # noqa: E402
 from lab.interference import ForeignLoad  # noqa: E402
 from lab.modes import DEFAULT_MODES, MODE_NAMES, ModeUnavailable, make_mode  # noqa: E402
-from lab.pinning import PINNINGS, Pinning, apply_rps  # noqa: E402
+from lab.pinning import PINNINGS, Pinning, apply_rps, pinning_note  # noqa: E402
 from lab.runplan import run_in_workdir, timing  # noqa: E402
 from lab.servers import Servers  # noqa: E402
 from lab.workloads import (WorkloadError, blast_workloads, iperf3_workloads,  # noqa: E402
@@ -221,10 +221,7 @@ def finish(results, cells, stamp):
 def add_notes(results):
     notes = results["notes"]
     pin = results["settings"]["pinning"]
-    notes.append(f"pinning {pin['name']}: client on CPU {pin['client_cpus']}, servers on CPU "
-                 f"{pin['server_cpus']}, middlebox on "
-                 f"{'CPU ' + pin['middlebox_cpus'] if pin['middlebox_cpus'] else 'any CPU'}"
-                 + (f", RPS masks {pin['rps']}" if pin["rps"] else ""))
+    notes.append(pinning_note(pin))
     if "pipesd-xor" in results["settings"]["modes"]:
         notes.append("pipesd-xor (key 42) changes the bytes, so it runs only the blast rows "
                      "(bench/lab/blast.py: bulk TCP, payload never checked; iperf3 checks a "

@@ -57,3 +57,12 @@ def apply_rps(tb, pinning):
         tb.hosts[name].run(
             ["sh", "-c", f"for q in /sys/class/net/*/queues/rx-*/rps_cpus; do "
                          f"echo {mask} > $q; done"])
+
+
+def pinning_note(pin, middleboxes="middlebox", rps_extra=""):
+    """The report's note on where things ran; ``pin`` is ``Pinning.as_dict()`` as saved in
+    the results (``middleboxes`` names them, ``rps_extra`` adds to the RPS masks)."""
+    return (f"pinning {pin['name']}: client on CPU {pin['client_cpus']}, servers on CPU "
+            f"{pin['server_cpus']}, {middleboxes} on "
+            f"{'CPU ' + pin['middlebox_cpus'] if pin['middlebox_cpus'] else 'any CPU'}"
+            + (f", RPS masks {pin['rps']}{rps_extra}" if pin["rps"] else ""))
