@@ -9,10 +9,16 @@ does almost nothing per byte, so its number is roughly that overhead's ceiling.
 """
 import os
 import random
+import sys
 
 import pytest
 
 from srv6pipes import _vf
+
+# The same text the unit tests compress (tests/vfharness.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from vfharness import text_like  # noqa: E402
 from srv6pipes.vfapi import UP
 
 CHUNK = 64 * 1024
@@ -24,17 +30,6 @@ def throughput(benchmark, nbytes):
     stats = benchmark.stats.stats if benchmark.stats else None
     if stats is not None and stats.mean:
         benchmark.extra_info["MB/s"] = round(nbytes / stats.mean / 1e6, 1)
-
-
-def text_like(size, seed=7):
-    """Words and punctuation: compresses about 3:1, like HTML or JSON."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(2000)]
-    out = bytearray()
-    while len(out) < size:
-        out += rng.choice(words) + rng.choice([b" ", b" ", b", ", b".\n", b"\": \""])
-    return bytes(out[:size])
 
 
 @pytest.fixture

@@ -187,3 +187,14 @@ def load_module(path: str | Path, name: str | None = None):
 
 def function_by_name(module, name: str) -> Function:
     return next(f for f in module.FUNCTIONS if f.name == name)
+
+
+def text_like(size, seed=7):
+    """Words and punctuation: compresses about 3:1, like HTML or JSON."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(2000)]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words) + rng.choice([b" ", b" ", b", ", b".\n", b"\": \""])
+    return bytes(out[:size])

@@ -18,6 +18,7 @@ from srv6pipes import _vf
 from srv6pipes.modules import module_path
 from srv6pipes.vfapi import DOWN, UP
 from vfmodules import MODULES, build_c_module
+from vfharness import text_like
 
 BUILTIN = {d["name"]: d for d in _vf.BUILTIN_FUNCTIONS}
 ADDRESS = {name: d["address"] for name, d in BUILTIN.items()}
@@ -82,16 +83,6 @@ def through(first, second, direction, data, *, chunks=None, out_cap=65536, in_ca
     return middle, (second.feed(direction, middle, chunks=chunks, out_cap=out_cap,
                                 in_cap=in_cap)
                     + second.finish(direction, out_cap=out_cap))
-
-
-def text_like(size, seed=0):
-    rng = random.Random(seed)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(500)]
-    out = bytearray()
-    while len(out) < size:
-        out += rng.choice(words) + rng.choice([b" ", b" ", b", ", b".\n"])
-    return bytes(out[:size])
 
 
 @settings(max_examples=60, deadline=None)
