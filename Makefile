@@ -23,7 +23,7 @@ build: deps
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
 
 demo: build
-	$(PYTHON) -m srv6pipes.demo
+	$(PYTHON) -m srv6pipes.lab.demo
 
 test: build
 	$(PYTHON) -m pytest tests

@@ -81,7 +81,7 @@ setup(
     cmdclass={"build_py": build_py_with_kernel, "build_ext": build_ext_with_vf_modules},
     version="0.1.0",
     description="In-network bytestream functions steered by IPv6 Segment Routing",
-    packages=["srv6pipes", "srv6pipes.modules"],
+    packages=["srv6pipes", "srv6pipes.modules", "srv6pipes.lab"],
     package_dir={"srv6pipes": "pipes"},
     ext_modules=cython_extensions(),
     python_requires=">=3.11",

@@ -15,10 +15,9 @@ import pytest
 
 from srv6pipes import _vf
 
-# The same text the unit tests compress (tests/vfharness.py).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
-from vfharness import text_like  # noqa: E402
+# The same text the unit tests compress (tests/support/vfharness.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.vfharness import text_like  # noqa: E402
 from srv6pipes.vfapi import UP
 
 CHUNK = 64 * 1024

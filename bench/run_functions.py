@@ -132,7 +132,7 @@ def run(plan):
     results = {
         "started": started.isoformat(timespec="seconds"),
         "host": host_description(),
-        "testbed": "srv6pipes.testbed line: c - p1 - s (Fig. 9), c - p1 - p2 - s (Fig. 11); "
+        "testbed": "srv6pipes.lab.testbed line: c - p1 - s (Fig. 9), c - p1 - p2 - s (Fig. 11); "
                    "fresh for every case run",
         "settings": {"figures": plan.figures, "passes": plan.passes,
                      "passes_key": plan.passes_key, "xor_key": plan.xor_key,

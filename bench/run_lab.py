@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reproduce the paper's throughput evaluation (section V-A, V-C) as ratios to a router.
 
-Topology (srv6pipes.testbed, proxies=1): c - p1 - s. p1 is the middlebox M1 of the paper,
+Topology (srv6pipes.lab.testbed, proxies=1): c - p1 - s. p1 is the middlebox M1 of the paper,
 configured in turn as each mode of ``--modes``. The router always runs: every other mode is
 reported as a ratio to the router measured in the same run. Each repetition runs every mode
 (order rotated per repetition), each mode in a fresh testbed (no TIME_WAIT sockets, no
@@ -72,11 +72,11 @@ class Lab:
 
 
 def load_testbed():
-    """``srv6pipes.testbed.Testbed``, with a clear message when SRv6Pipes is not installed."""
+    """``srv6pipes.lab.testbed.Testbed``, with a clear message when SRv6Pipes is not installed."""
     try:
-        from srv6pipes.testbed import Testbed
+        from srv6pipes.lab.testbed import Testbed
     except ImportError as exc:
-        raise SystemExit(f"cannot import srv6pipes.testbed ({exc}): pip install -e /work/main")
+        raise SystemExit(f"cannot import srv6pipes.lab.testbed ({exc}): make build")
     return Testbed
 
 
@@ -98,7 +98,7 @@ def run(plan):
         "started": started.isoformat(timespec="seconds"),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
                  "versions": tool_versions()},
-        "testbed": "srv6pipes.testbed, proxies=1, line (c - p1 - s), fresh for every mode run",
+        "testbed": "srv6pipes.lab.testbed, proxies=1, line (c - p1 - s), fresh for every mode run",
         "settings": {"modes": plan.modes, "mtus": plan.mtus, "full_mtus": plan.full_mtus,
                      "repetitions": plan.repetitions, "seconds": plan.seconds,
                      "wrk": "-t 2 -c 50", "pinning": plan.pinning.as_dict(),

@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-End-to-end tests (marked ``e2e``) build namespace labs with :class:`srv6pipes.testbed.Testbed`
+End-to-end tests (marked ``e2e``) build namespace labs with :class:`srv6pipes.lab.testbed.Testbed`
 through the ``testbed`` factory fixture, which always tears them down. They need root and
 iproute2; without those they are skipped with the reason.
 """
@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def testbed():
     """Factory: ``tb = testbed(proxies=1, ...)`` returns a built Testbed; all are closed at
     teardown, whatever the test did."""
-    from srv6pipes.testbed import Testbed
+    from srv6pipes.lab.testbed import Testbed
 
     made: list[Testbed] = []
 

@@ -14,7 +14,7 @@ import time
 
 from srv6pipes.addressplan import AddressError, AddressPlan
 from srv6pipes.functions import FunctionRegistry, UnknownFunction
-from srv6pipes.labapps import wait_listening
+from srv6pipes.lab.apps import wait_listening
 
 from .checks import CheckFailed, check_http_path, check_xor
 from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT

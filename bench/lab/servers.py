@@ -8,7 +8,7 @@ import hashlib
 import os
 import sys
 
-from srv6pipes.labapps import Lighttpd, wait_listening
+from srv6pipes.lab.apps import Lighttpd, wait_listening
 
 HTTP_PORT = 80
 IPERF_PORT = 5201

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from srv6pipes.labapps import Pipesd
-from srv6pipes.testbed import Testbed
+from srv6pipes.lab.apps import Pipesd
+from srv6pipes.lab.testbed import Testbed
 
-from e2ekit import DPI_PATTERNS, KEYRING, EchoServer, Lab
+from tests.e2e.e2ekit import DPI_PATTERNS, KEYRING, EchoServer, Lab
 
 
 @pytest.fixture(scope="module")

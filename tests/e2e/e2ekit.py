@@ -12,7 +12,7 @@ import threading
 import time
 
 from srv6pipes.addressplan import AddressPlan
-from srv6pipes.labapps import Pipesd
+from srv6pipes.lab.apps import Pipesd
 from srv6pipes.srh import SRH
 
 IPV6_RTHDR = 57

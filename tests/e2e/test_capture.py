@@ -26,8 +26,8 @@ from srv6pipes import _srhtable, capture
 from srv6pipes.ratelimit import RateLimitedLogger
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
 
-from childrun import run_in_child
-from synpackets import (ipv6_packet, scratch_table, syn_with_srh, table_counts,
+from tests.support.childrun import run_in_child
+from tests.support.synpackets import (ipv6_packet, scratch_table, syn_with_srh, table_counts,
                         tcp_header)
 
 A = ipaddress.IPv6Address

@@ -20,7 +20,7 @@ import pytest
 import srv6pipes
 from srv6pipes import vf_crypto
 
-from e2ekit import ECHO_PORT, connection_outcome, digest, read_to_eof, wait_for
+from tests.e2e.e2ekit import ECHO_PORT, connection_outcome, digest, read_to_eof, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -210,7 +210,7 @@ def test_count_reports_bytes_and_flows_per_client_prefix(lab):
 # -- modules at run time -------------------------------------------------------------------
 @pytest.fixture
 def chaos_c(tmp_path):
-    from vfmodules import build_c_module
+    from tests.support.cmodules import build_c_module
 
     return build_c_module(os.path.join(MODULES, "chaos_c.c"), tmp_path)
 
@@ -244,7 +244,7 @@ def test_load_c_and_python_modules_then_unload(lab, chaos_c):
 
 
 def test_bad_modules_are_refused_and_the_daemon_keeps_running(lab, tmp_path):
-    from vfmodules import build_c_module
+    from tests.support.cmodules import build_c_module
 
     broken_py = tmp_path / "broken.py"
     broken_py.write_text("raise ImportError('deliberately broken')\n")

@@ -400,7 +400,7 @@ def test_testbed_other_shapes(testbed, kw, names):
 
 
 def test_testbed_teardown_leaves_nothing(tmp_path):
-    from srv6pipes.testbed import Testbed
+    from srv6pipes.lab.testbed import Testbed
 
     with pytest.raises(RuntimeError, match="boom"):
         with Testbed(proxies=1) as tb:
@@ -420,7 +420,7 @@ def test_testbed_teardown_leaves_nothing(tmp_path):
 
 
 def test_testbed_cleanup_stale(testbed):
-    from srv6pipes.testbed import Testbed
+    from srv6pipes.lab.testbed import Testbed
 
     tb = testbed(proxies=1)
     names = sorted(h.ns for h in tb.hosts.values())
@@ -463,7 +463,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_testbed_prefix_clash_leaves_the_other_alone(testbed):
-    from srv6pipes.testbed import TestbedError
+    from srv6pipes.lab.testbed import TestbedError
 
     first = testbed(proxies=0)
     with pytest.raises(TestbedError, match="already exist"):

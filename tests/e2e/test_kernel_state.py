@@ -17,7 +17,7 @@ import pytest
 from srv6pipes import kernelsetup
 from srv6pipes.kernelsetup import KernelConfig
 
-from e2ekit import kernel_snapshot as snapshot
+from tests.e2e.e2ekit import kernel_snapshot as snapshot
 
 pytestmark = pytest.mark.e2e
 

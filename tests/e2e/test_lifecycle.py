@@ -13,9 +13,9 @@ import time
 import pytest
 
 from srv6pipes.addressplan import AddressPlan
-from srv6pipes.labapps import Pipesd
+from srv6pipes.lab.apps import Pipesd
 
-from e2ekit import (ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state,
+from tests.e2e.e2ekit import (ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state,
                     read_to_eof, wait_for)
 
 pytestmark = pytest.mark.e2e
@@ -351,7 +351,7 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
 def test_modules_and_function_files_given_at_start(line, tmp_path):
     """--modules loads into every worker; a bad keyring or pattern file stops the start with
     a clear message (and leaves no kernel state)."""
-    from srv6pipes.labapps import LabError
+    from srv6pipes.lab.apps import LabError
     from srv6pipes.modules import module_path
 
     tb, lab = line

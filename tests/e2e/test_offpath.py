@@ -10,10 +10,10 @@ import socket
 import pytest
 
 from srv6pipes.addressplan import AddressPlan
-from srv6pipes.labapps import Pipesd
+from srv6pipes.lab.apps import Pipesd
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
 
-from e2ekit import EchoServer, Lab, digest, kernel_state, read_to_eof
+from tests.e2e.e2ekit import EchoServer, Lab, digest, kernel_state, read_to_eof
 
 pytestmark = pytest.mark.e2e
 

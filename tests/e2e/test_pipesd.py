@@ -8,9 +8,9 @@ import time
 import pytest
 
 from srv6pipes.srh import SRH
-from srv6pipes.labapps import Lighttpd
+from srv6pipes.lab.apps import Lighttpd
 
-from e2ekit import (CLOSE_PORT, ECHO_PORT, RESET_PORT, connection_outcome, digest, read_to_eof, wait_for,
+from tests.e2e.e2ekit import (CLOSE_PORT, ECHO_PORT, RESET_PORT, connection_outcome, digest, read_to_eof, wait_for,
                     xor_bytes)
 
 pytestmark = pytest.mark.e2e

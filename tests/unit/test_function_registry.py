@@ -7,7 +7,7 @@ from srv6pipes import functions, vfmodules
 from srv6pipes.functions import (KIND_PYTHON, Function, FunctionConflict, FunctionRegistry,
                                  UnknownFunction, load_dpi_patterns)
 
-from vfmodules import build_c_module
+from tests.support.cmodules import build_c_module
 
 MODULES = os.path.join(os.path.dirname(__file__), "..", "modules")
 BUILTINS = [(0, "identity"), (1, "xor"), (2, "xor-passes"), (3, "compress"), (4, "decompress"),

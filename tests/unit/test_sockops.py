@@ -16,7 +16,7 @@ import pytest
 from srv6pipes import _sockops
 from srv6pipes.srh import SRH
 
-from loopback import free_port, open_descriptors
+from tests.support.loopback import free_port, open_descriptors
 
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
 TCP_SAVE_SYN = 27

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from srv6pipes import _srhtable
 from srv6pipes._srhtable import SrhTable, SrhTableError
 
-from childrun import run_in_child
+from tests.support.childrun import run_in_child
 
 CLIENT = ipaddress.IPv6Address("fc00:c::1").packed
 SERVER = ipaddress.IPv6Address("fc00:5::80").packed

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, SRHError, TLV, find_srh
 
-import synpackets
-from synpackets import CLIENT, extension, scratch_table, syn_with_srh, table_counts, tcp_header
+from tests.support import synpackets
+from tests.support.synpackets import CLIENT, extension, scratch_table, syn_with_srh, table_counts, tcp_header
 
 A = ipaddress.IPv6Address
 SERVER = A("fc00:5::80")

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from srv6pipes import _vf
 from srv6pipes.modules import module_path
 from srv6pipes.vfapi import DOWN, UP
-from vfmodules import MODULES, build_c_module
-from vfharness import text_like
+from tests.support.cmodules import MODULES, build_c_module
+from tests.support.vfharness import text_like
 
 BUILTIN = {d["name"]: d for d in _vf.BUILTIN_FUNCTIONS}
 ADDRESS = {name: d["address"] for name, d in BUILTIN.items()}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from srv6pipes import vf_crypto
 from srv6pipes.vfapi import DOWN, UP, FlowAdapter, ResetFlow
-from vfharness import DirectionPump, chunked, make_flow, pump_to_end, run_direction
+from tests.support.vfharness import DirectionPump, chunked, make_flow, pump_to_end, run_direction
 
 KEY1 = bytes(range(32))
 KEY2 = bytes(range(100, 132))

@@ -1,5 +1,5 @@
 """vfapi: Function validation, FlowInfo, and FlowAdapter behind the relay's streaming contract
-(directly, and through tests/vfharness.py with the chaos-py test function)."""
+(directly, and through tests/support/vfharness.py with the chaos-py test function)."""
 from __future__ import annotations
 
 import ipaddress
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srv6pipes.vfapi import DOWN, UP, FlowAdapter, FlowInfo, Function, ResetFlow
-from vfharness import (MODULES, ContractError, DirectionPump, chunked, function_by_name,
+from tests.support.vfharness import (MODULES, ContractError, DirectionPump, chunked, function_by_name,
                        load_module, make_flow, pump_to_end, run_direction, run_flow)
 
 FLOW = make_flow()

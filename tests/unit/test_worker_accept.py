@@ -18,7 +18,7 @@ from srv6pipes.config import build_config
 from srv6pipes.srh import SRH
 from srv6pipes.worker import Worker
 
-from loopback import free_port, open_descriptors
+from tests.support.loopback import free_port, open_descriptors
 
 LOCATOR = "fc00:1::/80"
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")

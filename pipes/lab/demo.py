@@ -17,9 +17,9 @@ import os
 import sys
 import tempfile
 
-from .addressplan import AddressPlan
-from .labapps import Lighttpd, Pipesd
-from .modules import module_path
+from ..addressplan import AddressPlan
+from .apps import Lighttpd, Pipesd
+from ..modules import module_path
 from .testbed import Testbed
 
 FILE_SIZE = 4 * 1024 * 1024

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from srv6pipes.vfapi import DOWN, UP, FlowAdapter, FlowInfo, Function
 
-MODULES = Path(__file__).parent / "modules"
+MODULES = Path(__file__).resolve().parents[1] / "modules"
 
 
 class ContractError(AssertionError):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INCLUDE = REPO / "cext"
-MODULES = Path(__file__).resolve().parent / "modules"
+MODULES = REPO / "tests" / "modules"
 
 
 def build_c_module(source_path, tmp_path) -> Path:
