@@ -16,6 +16,7 @@ Python object on its hot path. Slots are never handed to another function while 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable, Optional
 
 from . import vfapi
@@ -153,11 +154,15 @@ class FunctionRegistry:
 
 def load_dpi_patterns(path: Optional[str]) -> list[bytes]:
     """The dpi function's pattern file: one pattern per line; `\\xHH` and `\\\\` escapes;
-    blank lines and lines starting with '#' are skipped. Raises ValueError naming the line."""
+    blank lines and lines starting with '#' are skipped. Raises ValueError naming the line.
+    The file decides what is blocked, so only root may be able to change it (trust.py)."""
+    from . import trust
+
     if not path:
         return []
     patterns = []
-    with open(path, "rb") as handle:
+    resolved = trust.check_trusted(path)    # UntrustedFile is a ValueError
+    with open(os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:
         for number, raw in enumerate(handle, 1):
             line = raw.rstrip(b"\r\n")
             if not line.strip() or line.lstrip().startswith(b"#"):

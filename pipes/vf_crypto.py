@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from srv6pipes import trust
 from srv6pipes.vfapi import FlowInfo, Function, ResetFlow
 
 ENCRYPT_ID = 5
@@ -90,9 +91,15 @@ _stats = {"flows": 0, "bytes_encrypted": 0, "bytes_decrypted": 0, "missing_key":
 
 def load_keyring(path: str | os.PathLike) -> dict[int, bytes]:
     """Reads and checks a keyring file: returns {key id: 32-byte key}, or raises
-    KeyringError (OSError if the file cannot be opened)."""
+    KeyringError (OSError if the file cannot be opened). The file must be root's alone,
+    readable by nobody else, in directories only root can change (trust.py)."""
     path = os.fspath(path)
-    with open(path, "rb") as file:
+    try:
+        resolved = trust.check_trusted(path, secret=True)
+    except trust.UntrustedFile as exc:
+        raise KeyringError(f"keyring refused: {exc}") from None
+    fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
         st = os.fstat(file.fileno())   # the file we read, not whatever the path names now
         if not stat.S_ISREG(st.st_mode):
             raise KeyringError(f"{path}: not a regular file")

@@ -12,12 +12,12 @@ from tests.e2e.e2ekit import DPI_PATTERNS, KEYRING, EchoServer, Lab
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(trusted_path_factory):
     """Module-wide lab: building namespaces and starting pipesd twice costs ~2 s. Both
     proxies share a keyring (encrypt/decrypt) and a dpi pattern file."""
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests build network namespaces: run as root")
-    files = tmp_path_factory.mktemp("lab")
+    files = trusted_path_factory.mktemp("lab")
     keyring, patterns = files / "keyring", files / "dpi-patterns"
     keyring.write_text(KEYRING)
     keyring.chmod(0o600)

@@ -348,20 +348,20 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
     assert kernel_state(p1, name) == before
 
 
-def test_modules_and_function_files_given_at_start(line, tmp_path):
+def test_modules_and_function_files_given_at_start(line, trusted_path):
     """--modules loads into every worker; a bad keyring or pattern file stops the start with
     a clear message (and leaves no kernel state)."""
     from srv6pipes.lab.apps import LabError
     from srv6pipes.modules import module_path
 
     tb, lab = line
-    keyring = tmp_path / "keyring"
+    keyring = trusted_path / "keyring"
     keyring.write_text("1 " + "ab" * 32 + "\n")
     keyring.chmod(0o644)  # others may read it: refused
     with pytest.raises(LabError, match="keyring"):
         Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("badkeys"),
                extra=("--keyring", str(keyring)))
-    patterns = tmp_path / "patterns"
+    patterns = trusted_path / "patterns"
     patterns.write_text("x" * 300 + "\n")
     with pytest.raises(LabError, match="1 to 255 bytes"):
         Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("badpat"),

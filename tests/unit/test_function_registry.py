@@ -60,14 +60,18 @@ def test_stats_slots_run_out_with_a_clear_error():
         registry.register(Function(9999, "last", KIND_PYTHON))
 
 
-def test_dpi_pattern_file(tmp_path):
-    path = tmp_path / "patterns"
+def test_dpi_pattern_file(trusted_path, tmp_path):
+    path = trusted_path / "patterns"
     path.write_bytes(b"# comment\n\nplain text\n\\xde\\xad\\xbe\\xef\nback\\\\slash\n")
     assert load_dpi_patterns(str(path)) == [b"plain text", b"\xde\xad\xbe\xef", b"back\\slash"]
     assert load_dpi_patterns(None) == []
     path.write_bytes(b"ok\n" + b"x" * 256 + b"\n")
     with pytest.raises(ValueError, match=":2:"):
         load_dpi_patterns(str(path))
+    untrusted = tmp_path / "patterns"      # in /tmp: others could swap it
+    untrusted.write_bytes(b"x\n")
+    with pytest.raises(ValueError, match="writable by group or others"):
+        load_dpi_patterns(str(untrusted))
 
 
 # -- modules -------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ def write_keyring(path, text, mode=0o600):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def keyring(tmp_path_factory):
+def keyring(trusted_path_factory):
     """Keys 1 and 2 configured for the whole module (hypothesis tests cannot use
     function-scoped fixtures); tests that change the keyring restore it."""
-    path = write_keyring(tmp_path_factory.mktemp("keys") / "keyring",
+    path = write_keyring(trusted_path_factory.mktemp("keys") / "keyring",
                          f"1 {KEY1.hex()}\n2 {KEY2.hex()}\n")
     vf_crypto.configure(path)
     KEYRING["path"] = path
@@ -55,7 +55,7 @@ def through(function, params, direction, data, flow=FLOW, **caps):
 
 # -- keyring --------------------------------------------------------------------------------
 
-def test_load_keyring_good(tmp_path):
+def test_load_keyring_good(trusted_path):
     text = (
         "# the keyring\n"
         "\n"
@@ -64,7 +64,7 @@ def test_load_keyring_good(tmp_path):
         f"007 {'ab' * 32}\n"
         "   # indented comment\n"
     )
-    keys = vf_crypto.load_keyring(write_keyring(tmp_path / "k", text))
+    keys = vf_crypto.load_keyring(write_keyring(trusted_path / "k", text))
     assert keys == {0: KEY1, 255: KEY2, 7: bytes([0xAB]) * 32}
 
 
@@ -82,16 +82,16 @@ def test_load_keyring_good(tmp_path):
     (f"1 {'0' * 63}", "has 63 hex digits, not 64"),
     ("1 \u00e9" + "0" * 63, "not ASCII"),
 ])
-def test_load_keyring_bad_lines(tmp_path, line, message):
-    path = write_keyring(tmp_path / "k", f"# ok\n2 {KEY2.hex()}\n{line}\n")
+def test_load_keyring_bad_lines(trusted_path, line, message):
+    path = write_keyring(trusted_path / "k", f"# ok\n2 {KEY2.hex()}\n{line}\n")
     with pytest.raises(vf_crypto.KeyringError, match=f"^{re.escape(str(path))}:3: ") as info:
         vf_crypto.load_keyring(path)
     assert message in str(info.value)
     assert "0000000000" not in str(info.value) and "zzzz" not in str(info.value)
 
 
-def test_load_keyring_duplicate_ids(tmp_path):
-    path = write_keyring(tmp_path / "k", f"1 {KEY1.hex()}\n\n1 {KEY2.hex()}\n")
+def test_load_keyring_duplicate_ids(trusted_path):
+    path = write_keyring(trusted_path / "k", f"1 {KEY1.hex()}\n\n1 {KEY2.hex()}\n")
     with pytest.raises(vf_crypto.KeyringError,
                        match=f"^{re.escape(str(path))}:3: key id 1 is already defined on "
                              f"line 1$"):
@@ -99,30 +99,30 @@ def test_load_keyring_duplicate_ids(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["", "# nothing\n\n"])
-def test_load_keyring_without_keys(tmp_path, text):
+def test_load_keyring_without_keys(trusted_path, text):
     with pytest.raises(vf_crypto.KeyringError, match="no keys"):
-        vf_crypto.load_keyring(write_keyring(tmp_path / "k", text))
+        vf_crypto.load_keyring(write_keyring(trusted_path / "k", text))
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o602, 0o601, 0o620, 0o666])
-def test_load_keyring_refuses_open_modes(tmp_path, mode):
-    path = write_keyring(tmp_path / "k", f"1 {KEY1.hex()}\n", mode)
+def test_load_keyring_refuses_open_modes(trusted_path, mode):
+    path = write_keyring(trusted_path / "k", f"1 {KEY1.hex()}\n", mode)
     with pytest.raises(vf_crypto.KeyringError, match=f"mode {mode:04o}"):
         vf_crypto.load_keyring(path)
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o400, 0o440])
-def test_load_keyring_accepts_private_modes(tmp_path, mode):
-    assert vf_crypto.load_keyring(write_keyring(tmp_path / "k", f"1 {KEY1.hex()}\n", mode))
+def test_load_keyring_accepts_private_modes(trusted_path, mode):
+    assert vf_crypto.load_keyring(write_keyring(trusted_path / "k", f"1 {KEY1.hex()}\n", mode))
 
 
-def test_load_keyring_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        vf_crypto.load_keyring(tmp_path / "absent")
+def test_load_keyring_missing_file(trusted_path):
+    with pytest.raises(vf_crypto.KeyringError, match="no such file"):
+        vf_crypto.load_keyring(trusted_path / "absent")
 
 
-def test_configure_failure_keeps_the_previous_keyring(tmp_path):
-    bad = write_keyring(tmp_path / "bad", "1 short\n")
+def test_configure_failure_keeps_the_previous_keyring(trusted_path):
+    bad = write_keyring(trusted_path / "bad", "1 short\n")
     with pytest.raises(vf_crypto.KeyringError):
         vf_crypto.configure(bad)
     assert vf_crypto.stats()["keys"] == 2
