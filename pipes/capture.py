@@ -33,16 +33,15 @@ import sys
 import warnings
 from typing import Callable, Optional
 
-from . import _srhtable
+from . import _srhtable, system
 from .ratelimit import RateLimitedLogger
 from .srh import SRHError, find_srh
 from .timewait import TimeWaitReaper
 
 log = logging.getLogger("srv6pipes.capture")
 
-# Same meaning as worker.EXIT_BOOT_FAILED: the master does not re-fork us in a tight loop.
-EXIT_BOOT_FAILED = 3
-EXIT_CRASHED = 1
+EXIT_BOOT_FAILED = system.EXIT_BOOT_FAILED   # the master does not re-fork us in a tight loop
+EXIT_CRASHED = system.EXIT_CRASHED
 
 IPPROTO_TCP = 6
 TCP_SYN = 0x02
@@ -373,11 +372,7 @@ def _drop_capabilities() -> None:
     """Keeps CAP_NET_ADMIN only: nfnetlink checks it on every verdict we send. The capture
     parses untrusted packets, so it should hold nothing else."""
     try:
-        import prctl
-
-        prctl.cap_effective.limit(prctl.CAP_NET_ADMIN)
-        prctl.cap_permitted.limit(prctl.CAP_NET_ADMIN)
-        prctl.cap_inheritable.limit()
+        system.drop_capabilities(system.CAPTURE_CAPABILITIES)
     except Exception as exc:  # noqa: BLE001 - not fatal: we run, with more privilege
         log.warning("could not drop capabilities: %s", exc)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from . import system
 from .config import ConfigError, add_arguments, build_config
 
 
@@ -51,8 +52,11 @@ def pipesd_main(argv: list[str] | None = None) -> int:
 
 def pipesctl_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipesctl", description="Talk to a running pipesd.")
-    parser.add_argument("--control", default="/run/srv6pipes/pipesd.sock", metavar="PATH",
-                        help="control socket of the pipesd instance [default: %(default)s]")
+    parser.add_argument("--name", default="pipesd", metavar="NAME",
+                        help="instance name, as given to pipesd --name [default: %(default)s]")
+    parser.add_argument("--control", default=None, metavar="PATH",
+                        help="control socket path [default: from --name, "
+                             f"{system.control_socket('NAME')}]")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("stats", help="counters: connections, bytes per function, SRH table")
     sub.add_parser("functions", help="functions: id, name, module, workers, active flows")
@@ -62,6 +66,8 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
                                            "drain, then it is let go")
     unload.add_argument("module", metavar="NAME")
     sub.add_parser("ping", help="is the daemon alive?")
+    sub.add_parser("reload", help="re-read the configuration, as SIGHUP does; says why if "
+                                  "it is refused")
     address = sub.add_parser("address", help="print the function address for LOCATOR")
     address.add_argument("locator", metavar="LOCATOR")
     address.add_argument("function", metavar="FUNCTION", help="function name or id")
@@ -81,7 +87,8 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
     elif args.command == "unload":
         fields["module"] = args.module
     try:
-        reply = request(args.control, args.command, timeout=30.0, **fields)
+        reply = request(args.control or system.control_socket(args.name), args.command,
+                        timeout=30.0, **fields)
     except ControlError as exc:
         print(f"pipesctl: {exc}", file=sys.stderr)
         return 1

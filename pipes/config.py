@@ -13,6 +13,8 @@ import os
 import tomllib
 from typing import Any, Callable
 
+from . import system
+
 
 class ConfigError(ValueError):
     """A setting has a value pipesd cannot use; the message names the setting."""
@@ -207,7 +209,7 @@ def build_config(cli_values: dict[str, Any]) -> Config:
             values[setting.name] = setting.validator(value)
         except ValueError as exc:
             raise ConfigError(f"{setting.flag}: {exc}") from exc
-    values.setdefault("control", f"/run/srv6pipes/{values['name']}.sock")
+    values.setdefault("control", system.control_socket(values["name"]))
     if values["locator"].prefixlen + values["function_bits"] + values["param_bits"] > 128:
         raise ConfigError("--locator length + --function-bits + --param-bits exceed 128 bits")
     return Config(**values, config_file=config_file, dry_run=bool(cli_values.get("dry_run")))

@@ -33,9 +33,11 @@ import socket
 import subprocess
 from pathlib import Path
 
+from . import system
+
 log = logging.getLogger(__name__)
 
-STATE_DIR = Path(os.environ.get("SRV6PIPES_STATE_DIR", "/run/srv6pipes"))
+STATE_DIR = system.STATE_DIR
 TEMPLATE_NAME = "pipes.nft.in"
 TABLE_PREFIX = "srv6pipes_"
 COMMENT_PREFIX = "srv6pipes:"
@@ -43,7 +45,6 @@ IP6TABLES = "ip6tables-legacy"
 # The legacy xtables lock is one file for every namespace of the machine: wait for it
 # instead of failing when another instance (or test) holds it.
 IP6TABLES_WAIT = ["-w", "10"]
-SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux >= 5.14
 NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 SYSCTL_ROOT = Path("/proc/sys/net/ipv6/conf")
 # Keys of the per-interface settings we change (conf/<if>/<key>).
@@ -211,7 +212,7 @@ def queue_backend() -> str:
 def netns_cookie() -> int:
     """The current thread's network namespace cookie: unique per namespace, never reused."""
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, system.SO_NETNS_COOKIE, 8), "little")
 
 
 def netns_inode() -> int:

@@ -1,32 +1,42 @@
-"""The pipesd master: kernel set-up, supervision, control socket, reload. It only supervises.
+"""The pipesd master: it supervises. Kernel set-up, children, signals, reload.
 
 Start-up order (reverse on exit):
   1. kernel state for this instance (kernelsetup.install first removes a crashed
      predecessor's leftovers, so a restart after `kill -9` starts clean);
   2. shared memory: the SRH table and the stats block (stale segments are replaced);
-  3. the control socket;
+  3. the control socket (control.py, answered by commands.py) and --modules (admission.py);
   4. the capture process and one worker per CPU, forked.
-Signal handlers only queue the signal; the main loop calls one handle_<signal> method each.
+
+Everything the master waits for goes through one event loop (eventloop.py): signals (their
+handlers only queue them; the loop calls one handle_<signal> method each), control clients,
+worker replies (workerrpc.py), module probes. Nothing in it blocks, so supervision (reaping,
+heartbeats, restarts) is never held up by a control client or a slow worker.
+
+Reload (SIGHUP or `pipesctl reload`) is make-before-break: the new generation of workers
+listens (SO_REUSEPORT, same port) before the old one is told to stop; the old workers take
+what is already in their accept queues, close their listeners (the kernel hands queued
+handshakes to the new listeners: tcp_migrate_req) and drain their flows.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import select
 import signal
 import socket
 import time
 from typing import Optional
 
-from . import _srhtable, kernelsetup, returnpath, stats
+from . import _srhtable, kernelsetup, messages, returnpath, stats, system
 from .addressplan import AddressPlan
+from .admission import AdmissionError, ModuleAdmission
+from .commands import ControlCommands
 from .config import Config, ConfigError, build_config
 from .control import ControlServer
-from . import vfmodules
-from .functions import Function, FunctionConflict, FunctionRegistry, check_builtin_files
-from .worker import EXIT_BOOT_FAILED, Worker
+from .eventloop import READ, EventLoop
+from .functions import FunctionRegistry, check_builtin_files
+from .worker import Worker
+from .workerrpc import WorkerChannels
 
 log = logging.getLogger("srv6pipes.master")
 
@@ -34,8 +44,9 @@ STATS_REGIONS = 256        # worker slots ever alive at once (old generation dra
 HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is killed
 RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
 BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
+READY_TIMEOUT = 15.0       # a reload's new generation must be listening within this
 HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-WORKER_REPLY_TIMEOUT = 5.0 # seconds a worker has to answer a request (it polls every 0.2 s)
+READY = "ready"            # the event a worker sends once it listens
 
 
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
@@ -52,7 +63,7 @@ class Child:
     generation: int
     started: float
     stopping: bool = False
-    channel: Optional[socket.socket] = None   # workers: the master's end of the socketpair
+    ready: bool = False  # workers: listening (sent READY)
 
 
 class Master:
@@ -60,16 +71,20 @@ class Master:
         self.config = config
         self.cli_values = cli_values
         self.registry = FunctionRegistry()
-        # Loaded modules in load order: name -> {"path", "slots": {function name: slot}}.
-        # Workers forked later load the same list at boot.
-        self.modules: dict[str, dict] = {}
         self.children: dict[int, Child] = {}
         self.signal_queue: list[int] = []
         self.generation = 0
         self.stopping = False
+        self.exit_code: Optional[int] = None
         self.free_regions = list(range(STATS_REGIONS))
         self.boot_failures = 0
         self.restart_at: dict[tuple[str, int], float] = {}
+        self.retiring: set[int] = set()     # old generation, stopped once the new one listens
+        self.retire_deadline = 0.0
+        self.loop = EventLoop()
+        self.channels = WorkerChannels(self.loop)
+        self.channels.on_event = self.worker_event
+        self.admission: Optional[ModuleAdmission] = None
         self.srh_table = None
         self.stats_block: stats.StatsBlock | None = None
         self.control: ControlServer | None = None
@@ -82,11 +97,11 @@ class Master:
         import prctl
 
         prctl.set_proctitle(f"pipesd: master [{self.config.name}]")
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_r = wake_r
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for name in HANDLED_SIGNALS:
             signal.signal(getattr(signal, name), self.queue_signal)
         signal.set_wakeup_fd(wake_w)
+        self.loop.watch(self.wake_r, READ, self.drain_wakeups)
         try:
             self.setup()
             self.spawn_capture()
@@ -102,22 +117,20 @@ class Master:
             check_builtin_files(self.config)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"pipesd: {exc}") from None
+        self.admission = ModuleAdmission(self.loop, self.channels, self.registry,
+                                         self.config.function_bits,
+                                         system.modules_dir(self.config.name))
         for path in self.config.modules:
             try:
-                self.admit_module(path)
-            except (vfmodules.ModuleLoadError, FunctionConflict) as exc:
+                self.admission.admit_at_start(path)
+            except AdmissionError as exc:
                 raise SystemExit(f"pipesd: --modules: {exc}") from None
         self.install_kernel_state(self.config)
         self.srh_table = _srhtable.SrhTable.create(self.config.name, self.config.table_slots,
                                                    self.config.table_ttl_ms)
         self.stats_block = stats.StatsBlock.create(self.config.name, STATS_REGIONS)
-        self.control = ControlServer(self.config.control, {
-            "ping": lambda req: {"pid": os.getpid(), "name": self.config.name},
-            "stats": lambda req: {"stats": self.collect_stats()},
-            "functions": lambda req: {"functions": self.describe_functions()},
-            "load": lambda req: self.handle_load(str(req.get("path", ""))),
-            "unload": lambda req: self.handle_unload(str(req.get("module", ""))),
-        })
+        self.control = ControlServer(self.config.control, self.loop,
+                                     ControlCommands(self).dispatch)
 
     def install_kernel_state(self, config: Config) -> None:
         """Interception (kernelsetup) and, off-path, return routing (returnpath). Both
@@ -140,6 +153,8 @@ class Master:
         self.stop_children(graceful=False, timeout=5.0)
         if self.control is not None:
             self.control.close()
+        if self.admission is not None:
+            self.admission.close()
         try:
             self.remove_kernel_state()
         except Exception:  # noqa: BLE001 - keep tearing down the rest
@@ -153,38 +168,42 @@ class Master:
             except BufferError:
                 pass
         stats.unlink(self.config.name)
+        self.loop.close()
         log.info("pipesd %s stopped, kernel state removed", self.config.name)
 
     def main_loop(self) -> int:
-        while True:
-            try:
-                readable, _, _ = select.select([self.wake_r, self.control], [], [], 1.0)
-            except InterruptedError:
-                readable = []
-            if self.wake_r in readable:
-                try:
-                    while os.read(self.wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-            while self.signal_queue:
-                signum = self.signal_queue.pop(0)
-                getattr(self, "handle_" + signal.Signals(signum).name.lower())()
-            if self.control in readable:
-                self.control.handle_ready()
-            if self.stopping:
-                if not self.children:
-                    return 0
+        while self.exit_code is None:
+            self.loop.run_once(1.0)
+            self.supervise()
+        return self.exit_code
+
+    def supervise(self) -> None:
+        """Once per loop turn: whatever the children need."""
+        if self.stopping:
+            if not self.children:
+                self.exit_code = system.EXIT_OK
+            else:
                 self.continue_stopping()
-                continue
-            self.check_heartbeats()
-            self.respawn_missing()
-            if self.boot_failures >= BOOT_FAILURES_FATAL:
-                log.error("workers keep failing to boot; giving up")
-                return 1
+            return
+        self.check_heartbeats()
+        self.retire_old_generation()
+        self.respawn_missing()
+        if self.boot_failures >= BOOT_FAILURES_FATAL:
+            log.error("workers keep failing to boot; giving up")
+            self.exit_code = system.EXIT_CRASHED
 
     def queue_signal(self, signum, frame) -> None:
         self.signal_queue.append(signum)
+
+    def drain_wakeups(self, _events: int) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.signal_queue:
+            signum = self.signal_queue.pop(0)
+            getattr(self, "handle_" + signal.Signals(signum).name.lower())()
 
     # -- signal handlers -------------------------------------------------------------
     def handle_sigchld(self) -> None:
@@ -195,23 +214,30 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.admission is not None and self.admission.child_exited(pid, status):
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            if child.kind == "worker":
-                self.release_region(child)
-            if child.stopping or self.stopping:
-                continue
-            log.warning("%s %d (pid %d) died with %s; restarting", child.kind, child.index,
-                        pid, code)
-            # Consecutive worker boot failures (say, the port is taken) end the master
-            # instead of re-forking forever; any other death resets the count. A capture
-            # that cannot bind yet (its predecessor still holds the queue) just retries.
-            if child.kind == "worker":
-                self.boot_failures = self.boot_failures + 1 if code == EXIT_BOOT_FAILED else 0
-            self.restart_at[(child.kind, child.index)] = time.monotonic() + (
-                RESTART_BACKOFF if time.monotonic() - child.started < 5 else 0)
+            self.child_gone(pid, child, os.waitstatus_to_exitcode(status))
+
+    def child_gone(self, pid: int, child: Child, code: int) -> None:
+        if child.kind == "worker":
+            self.channels.remove(pid)
+            self.release_region(child)
+            self.retiring.discard(pid)
+        if child.stopping or self.stopping:
+            return
+        log.warning("%s %d (pid %d) died with %s; restarting", child.kind, child.index,
+                    pid, code)
+        # Consecutive worker boot failures (say, the port is taken) end the master
+        # instead of re-forking forever; any other death resets the count. A capture
+        # that cannot bind yet (its predecessor still holds the queue) just retries.
+        if child.kind == "worker":
+            self.boot_failures = (self.boot_failures + 1 if code == system.EXIT_BOOT_FAILED
+                                  else 0)
+        self.restart_at[(child.kind, child.index)] = time.monotonic() + (
+            RESTART_BACKOFF if time.monotonic() - child.started < 5 else 0)
 
     def handle_sigterm(self) -> None:
         log.info("stopping: draining flows (up to %.0fs)", self.config.drain_timeout)
@@ -234,41 +260,85 @@ class Master:
         self.stop_children(graceful=False, timeout=5.0)
 
     def handle_sighup(self) -> None:
-        """Reload: new config, new worker generation; old workers drain their flows."""
+        error = self.reload()
+        if error:
+            log.error("reload refused, keeping the running configuration: %s", error)
+
+    # -- reload ----------------------------------------------------------------------
+    def reload(self) -> Optional[str]:
+        """Re-reads the configuration and starts a new generation of workers; the old one
+        is stopped once the new one listens (retire_old_generation). Returns None, or why
+        the reload was refused (the running configuration then stays untouched)."""
+        if self.stopping:
+            return "pipesd is stopping"
         try:
             new = build_config(self.cli_values)
             check_builtin_files(new)
+            new_kernel = kernel_config(new)
         except (ConfigError, OSError, ValueError) as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return
+            return str(exc)
+        if new.name != self.config.name or new.control != self.config.control:
+            return "--name and --control cannot change at run time"
+        if new.function_bits != self.config.function_bits and self.admission.modules:
+            return "--function-bits cannot change while modules are loaded"
         if new.modules != self.config.modules:
             log.warning("reload: --modules is only read at start; use pipesctl load/unload")
-        old_kernel = kernel_config(self.config)
-        new_kernel = kernel_config(new)
-        if new.name != self.config.name or new.control != self.config.control:
-            log.error("reload refused: --name and --control cannot change at run time")
-            return
         capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
                             "fwmark", "return_mode")
         capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
-        if new_kernel != old_kernel or new.return_mode != self.config.return_mode:
-            self.remove_kernel_state()
-            self.install_kernel_state(new)
+        if new_kernel != self.kernel_installed or new.return_mode != self.config.return_mode:
+            try:
+                self.remove_kernel_state()
+                self.install_kernel_state(new)
+            except (kernelsetup.KernelSetupError, OSError) as exc:
+                log.error("reload: new kernel settings failed (%s): restoring the old ones", exc)
+                self.remove_kernel_state()
+                self.install_kernel_state(self.config)
+                return f"kernel settings: {exc}"
         self.config = new
+        self.admission.function_bits = new.function_bits
         if capture_changed:
             # The capture reads its settings at start: replace it. The new one binds the
             # queue once the old one has let go (restart backoff, then retries).
             self.signal_children(signal.SIGTERM, kinds=("capture",))
             self.restart_at[("capture", 0)] = time.monotonic() + RESTART_BACKOFF
-        for pid, child in self.children.items():
-            if child.kind == "worker":
-                child.stopping = True
-                os.kill(pid, signal.SIGTERM)
+        old = [pid for pid, c in self.children.items() if c.kind == "worker" and not c.stopping]
+        self.retiring.update(old)
+        self.retire_deadline = time.monotonic() + READY_TIMEOUT
         self.spawn_generation()
-        log.info("reloaded: generation %d, %d workers", self.generation, new.workers)
+        log.info("reloading: generation %d, %d workers; %d old workers stop once it listens",
+                 self.generation, new.workers, len(old))
+        return None
+
+    def retire_old_generation(self) -> None:
+        """Stops the old generation once every worker of the new one listens (or after
+        READY_TIMEOUT: a new generation that cannot boot is handled as any boot failure)."""
+        if not self.retiring:
+            return
+        current = [c for c in self.children.values()
+                   if c.kind == "worker" and c.generation == self.generation and not c.stopping]
+        listening = len(current) == self.config.workers and all(c.ready for c in current)
+        if not listening and time.monotonic() < self.retire_deadline:
+            return
+        if not listening:
+            log.warning("reload: the new generation is not listening after %.0fs; stopping "
+                        "the old one anyway", READY_TIMEOUT)
+        for pid in list(self.retiring):
+            child = self.children.get(pid)
+            if child is not None:
+                child.stopping = True
+                self.kill(pid, signal.SIGTERM)
+        self.retiring.clear()
+
+    def worker_event(self, pid: int, event: dict) -> None:
+        """An unsolicited message from a worker (workerrpc): READY once it listens."""
+        child = self.children.get(pid)
+        if child is not None and event.get("event") == READY:
+            child.ready = True
+            self.retire_old_generation()
 
     # -- children --------------------------------------------------------------------
-    def fork(self, child: Child, body) -> None:
+    def fork(self, child: Child, body) -> int:
         pid = os.fork()
         if pid == 0:
             try:
@@ -276,16 +346,17 @@ class Master:
                 for name in HANDLED_SIGNALS:
                     signal.signal(getattr(signal, name), signal.SIG_DFL)
                 os.close(self.wake_r)
-                self.control.sock.close()
-                for other in self.children.values():
-                    if other.channel is not None:
-                        other.channel.close()
+                self.loop.close()
+                if self.control is not None:
+                    self.control.close_in_child()
+                self.channels.close_in_child()
                 body()
             except BaseException:  # noqa: BLE001 - a child never returns into the master
                 log.exception("%s %d crashed", child.kind, child.index)
             finally:
-                os._exit(EXIT_BOOT_FAILED)
+                os._exit(system.EXIT_BOOT_FAILED)
         self.children[pid] = child
+        return pid
 
     def spawn_capture(self) -> None:
         from .capture import run_capture_process
@@ -312,19 +383,17 @@ class Master:
         cpu = cpus[index % len(cpus)]
         region_view = self.stats_block.region(region)
         region_view.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        modules = [(m["path"], m["slots"]) for m in self.modules.values()]
-        worker = Worker(index, self.config, cpu, self.srh_table, region_view, modules, theirs)
-        child = Child("worker", index, region, self.generation, time.monotonic(), channel=ours)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        worker = Worker(index, self.config, cpu, self.srh_table, region_view,
+                        self.admission.boot_list(), theirs)
+        child = Child("worker", index, region, self.generation, time.monotonic())
         try:
-            self.fork(child, lambda: (ours.close(), worker.run()))
+            pid = self.fork(child, lambda: (ours.close(), worker.run()))
         finally:
             theirs.close()
+        self.channels.add(pid, ours)
 
     def release_region(self, child: Child) -> None:
-        if child.channel is not None:
-            child.channel.close()
-            child.channel = None
         region = self.stats_block.region(child.region)
         region.flows_died()  # its flows went with it
         region.set("pid", 0)
@@ -381,157 +450,13 @@ class Master:
                     continue
                 child = self.children.pop(pid, None)
                 if child is not None and child.kind == "worker":
+                    self.channels.remove(pid)
                     self.release_region(child)
 
-    # -- control commands ------------------------------------------------------------
-    def collect_stats(self) -> dict:
-        slot_names = self.registry.slot_names()
-        workers = []
-        for pid, child in sorted(self.children.items(), key=lambda item: item[1].index):
-            if child.kind != "worker":
-                continue
-            snap = self.stats_block.region(child.region).snapshot(slot_names)
-            snap.update(index=child.index, generation=child.generation, pid=pid,
-                        draining=child.stopping)
-            workers.append(snap)
-        every_region = [self.stats_block.region(r).snapshot(slot_names)
-                        for r in range(STATS_REGIONS)]
-        totals = stats.merge(every_region)
-        return {
-            "name": self.config.name,
-            "locator": str(self.config.locator),
-            "uptime_s": round(time.time() - self.started, 1),
-            "generation": self.generation,
-            "totals": totals,
-            "srh_table": self.srh_table.counters(),
-            "kernel": stats.kernel_counters(),
-            "workers": workers,
-            "function_stats": self.module_stats(),
-        }
+    # -- views for the control commands ---------------------------------------------------
+    def live_worker_pids(self) -> list[int]:
+        return [pid for pid, c in self.children.items()
+                if c.kind == "worker" and not c.stopping and pid in self.channels.channels]
 
-    def describe_functions(self) -> list[dict]:
-        """Every function: id, name, module, kind, active flows (all workers), and the
-        workers (indexes) where its module is loaded; draining modules are listed too."""
-        replies = self.ask_workers({"cmd": "modules"})
-        totals = stats.merge([self.stats_block.region(c.region).snapshot(self.registry.slot_names())
-                              for c in self.children.values() if c.kind == "worker"])
-        per_function = totals.get("functions", {})
-        every_worker = sorted(c.index for c in self.live_workers().values())
-        result = []
-        for function in self.registry:
-            entry = function.describe()
-            if function.module == "builtin":
-                entry["workers"] = every_worker
-            else:
-                entry["workers"] = sorted(index for index, reply in replies.items()
-                                          if function.module in reply.get("loaded", {}))
-            entry["active_flows"] = per_function.get(function.name, {}).get("flows_active", 0)
-            result.append(entry)
-        for index, reply in sorted(replies.items()):
-            for name, info in reply.get("draining", {}).items():
-                result.append({"module": name, "draining": True, "worker": index,
-                               "active_flows": info["active_flows"]})
-        return result
-
-    # -- modules ---------------------------------------------------------------------
-    def live_workers(self) -> dict[int, Child]:
-        return {pid: c for pid, c in self.children.items()
-                if c.kind == "worker" and not c.stopping and c.channel is not None}
-
-    def ask_workers(self, request: dict, pids=None) -> dict[int, dict]:
-        """Sends request to every live worker (or those pids); returns {worker index: reply}.
-        A worker that does not answer in time gets {"ok": False, "error": ...}."""
-        children = self.live_workers()
-        if pids is not None:
-            children = {pid: c for pid, c in children.items() if pid in pids}
-        message = json.dumps(request).encode()
-        replies: dict[int, dict] = {}
-        waiting: dict[socket.socket, tuple[int, Child]] = {}
-        for pid, child in children.items():
-            try:
-                child.channel.send(message)
-                waiting[child.channel] = (pid, child)
-            except OSError as exc:
-                replies[child.index] = {"ok": False, "error": f"worker unreachable: {exc}"}
-        deadline = time.monotonic() + WORKER_REPLY_TIMEOUT
-        while waiting and time.monotonic() < deadline:
-            readable, _, _ = select.select(list(waiting), [], [], deadline - time.monotonic())
-            for channel in readable:
-                _, child = waiting.pop(channel)
-                try:
-                    replies[child.index] = json.loads(channel.recv(1 << 20) or b"null") or {
-                        "ok": False, "error": "worker closed its channel"}
-                except (OSError, ValueError) as exc:
-                    replies[child.index] = {"ok": False, "error": f"bad reply: {exc}"}
-        for pid, child in waiting.values():
-            replies[child.index] = {"ok": False, "error": "worker did not answer"}
-            # A late reply would be read as the answer to the next request, and a worker we
-            # cannot reach would miss later loads: replace it. SIGTERM drains its flows; the
-            # new one gets a fresh channel and the current module list.
-            log.error("worker %d did not answer a %s request in %.0fs: replacing it",
-                      child.index, request.get("cmd"), WORKER_REPLY_TIMEOUT)
-            child.channel.close()
-            child.channel = None
-            child.stopping = True
-            self.kill(pid, signal.SIGTERM)
-        return replies
-
-    def admit_module(self, path: str) -> tuple[str, list[Function]]:
-        """Checks a module in a throwaway process and reserves its ids, names and slots.
-        Raises ModuleLoadError / FunctionConflict (nothing reserved then)."""
-        path = os.path.abspath(path)
-        name = vfmodules.module_name(path)
-        if name in self.modules:
-            raise FunctionConflict(f"a module named {name!r} is already loaded "
-                                   f"(from {self.modules[name]['path']})")
-        described = vfmodules.probe_module(path)
-        functions = [Function(d["id"], d["name"], d["kind"], module=name,
-                              description=d["description"]) for d in described]
-        limit = 1 << self.config.function_bits
-        for function in functions:
-            if function.function_id >= limit:
-                raise FunctionConflict(f"function {function.name!r}: id {function.function_id:#x} "
-                                       f"does not fit in --function-bits {self.config.function_bits}")
-        self.registry.check_free(functions)
-        registered = [self.registry.register(f) for f in functions]
-        self.modules[name] = {"path": path, "slots": {f.name: f.slot for f in registered}}
-        return name, registered
-
-    def handle_load(self, path: str) -> dict:
-        """pipesctl load: all or nothing; every live worker loads it, or none keeps it."""
-        if not path:
-            raise ValueError("load needs a path")
-        name, functions = self.admit_module(path)
-        entry = self.modules[name]
-        replies = self.ask_workers({"cmd": "load", "path": entry["path"], "slots": entry["slots"]})
-        failed = {index: r["error"] for index, r in replies.items() if not r.get("ok")}
-        if failed:
-            loaded = [pid for pid, c in self.live_workers().items()
-                      if replies.get(c.index, {}).get("ok")]
-            self.ask_workers({"cmd": "unload", "module": name}, pids=loaded)
-            del self.modules[name]
-            self.registry.unregister_module(name)
-            index, error = sorted(failed.items())[0]
-            raise vfmodules.ModuleLoadError(f"worker {index} refused {name!r}: {error}")
-        log.info("loaded module %s from %s: %s", name, entry["path"],
-                 ", ".join(f"{f.name} ({f.function_id:#x})" for f in functions))
-        return {"module": name, "path": entry["path"],
-                "functions": [f.describe() for f in functions],
-                "workers": sorted(replies)}
-
-    def handle_unload(self, name: str) -> dict:
-        """pipesctl unload: the module's functions take no new flow from now on (they are
-        reset as unknown functions); its flows run to their end, then each worker lets the
-        module go. Returns the flows still draining per worker."""
-        if name not in self.modules:
-            raise KeyError(f"no module named {name!r} is loaded")
-        del self.modules[name]
-        self.registry.unregister_module(name)
-        replies = self.ask_workers({"cmd": "unload", "module": name})
-        draining = {index: r.get("active_flows", 0) for index, r in replies.items() if r.get("ok")}
-        log.info("unloading module %s: %d flows draining", name, sum(draining.values()))
-        return {"module": name, "draining_flows": draining}
-
-    def module_stats(self) -> dict:
-        replies = self.ask_workers({"cmd": "module_stats"})
-        return {index: r.get("stats", r) for index, r in sorted(replies.items())}
+    def worker_indexes(self) -> dict[int, int]:
+        return {pid: c.index for pid, c in self.children.items() if c.kind == "worker"}

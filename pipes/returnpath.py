@@ -32,6 +32,7 @@ import socket
 from pathlib import Path
 from typing import Sequence
 
+from . import system
 from .addressplan import AddressPlan
 from .srh import SRH, SRHError
 
@@ -70,7 +71,7 @@ class ReturnRoutes:
     """Maps return paths to marks and keeps their rules and tables (capture process only)."""
 
     def __init__(self, name: str, fwmark: int, rule_priority: int, mode: str,
-                 plan: AddressPlan | None, state_dir: Path = Path("/run/srv6pipes")):
+                 plan: AddressPlan | None, state_dir: Path = system.STATE_DIR):
         self.name = name
         self.fwmark = fwmark
         self.rule_priority = rule_priority
@@ -151,7 +152,7 @@ def plan(fwmark: int, rule_priority: int) -> list[str]:
 
 
 def install(name: str, fwmark: int, rule_priority: int,
-            state_dir: Path = Path("/run/srv6pipes")) -> None:
+            state_dir: Path = system.STATE_DIR) -> None:
     """Master, at start (off-path modes): base rule and tcp_fwmark_accept (saved first)."""
     from pyroute2 import IPRoute
 
@@ -165,7 +166,7 @@ def install(name: str, fwmark: int, rule_priority: int,
 
 
 def remove(name: str, fwmark: int, rule_priority: int,
-           state_dir: Path = Path("/run/srv6pipes")) -> None:
+           state_dir: Path = system.STATE_DIR) -> None:
     """Removes every rule and table of this instance's return paths; idempotent, and
     also what a restart after a crash runs first."""
     from pyroute2 import IPRoute

@@ -126,41 +126,68 @@ def _load_python(name: str, path: str) -> LoadedModule:
     return LoadedModule(name, path, KIND_PYTHON, functions, module)
 
 
-def probe_module(path: str, timeout: float = PROBE_TIMEOUT) -> list[dict]:
-    """Loads and unloads path in a throwaway child process; returns its functions
-    (describe() dicts). Raises ModuleLoadError with the reason, a crash included."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: load, report, unload, exit without touching the parent's state
-        os.close(read_fd)
+class Probe:
+    """A throwaway child that loads and unloads one module and reports its functions.
+
+    `Probe(path)` forks it; the parent reads `fd` until EOF (or gives up at the deadline),
+    learns how the child ended (`status`, from waitpid) and calls `result(data, status)`.
+    The master does this from its event loop (admission.py); `probe_module` does it
+    blocking, for tests and tools.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the child: load, report, unload, exit without touching the parent
+            os.close(read_fd)
+            try:
+                signal.set_wakeup_fd(-1)   # the master's wake-up pipe is not ours to write
+            except ValueError:
+                pass
+            try:
+                module = load_module(path)
+                reply = {"functions": [f.describe() for f in module.functions]}
+                module.unload()
+            except ModuleLoadError as exc:
+                reply = {"error": str(exc)}
+            except BaseException as exc:  # noqa: BLE001
+                reply = {"error": f"{path}: {exc!r}"}
+            os.write(write_fd, json.dumps(reply).encode()[:MAX_PROBE_REPLY])
+            os._exit(0)
+        os.close(write_fd)
+        self.pid = pid
+        self.fd = read_fd
+
+    def result(self, data: bytes, status: Optional[int]) -> list[dict]:
+        """The module's functions (describe() dicts) from what the child wrote and how it
+        ended (None: it was killed for taking too long). Raises ModuleLoadError."""
+        path = self.path
+        if status is None:
+            raise ModuleLoadError(f"{path}: loading took longer than {PROBE_TIMEOUT:.0f}s")
+        if os.WIFSIGNALED(status):
+            raise ModuleLoadError(f"{path}: the module crashed while loading "
+                                  f"({signal.Signals(os.WTERMSIG(status)).name})")
         try:
-            module = load_module(path)
-            reply = {"functions": [f.describe() for f in module.functions]}
-            module.unload()
-        except ModuleLoadError as exc:
-            reply = {"error": str(exc)}
-        except BaseException as exc:  # noqa: BLE001
-            reply = {"error": f"{path}: {exc!r}"}
-        os.write(write_fd, json.dumps(reply).encode())
-        os._exit(0)
-    os.close(write_fd)
+            reply = json.loads(data)
+            if not isinstance(reply, dict):
+                raise ValueError
+        except ValueError:
+            raise ModuleLoadError(f"{path}: the module exited while loading") from None
+        if "error" in reply:
+            raise ModuleLoadError(str(reply["error"]))
+        return reply["functions"]
+
+
+def probe_module(path: str, timeout: float = PROBE_TIMEOUT) -> list[dict]:
+    """Loads and unloads path in a throwaway child process and waits for it; returns its
+    functions (describe() dicts). Raises ModuleLoadError with the reason, a crash included."""
+    probe = Probe(path)
     try:
-        data = _read_all(read_fd, timeout)
+        data = _read_all(probe.fd, timeout)
     finally:
-        os.close(read_fd)
-    status = _reap(pid)
-    if status is None:
-        raise ModuleLoadError(f"{path}: loading took longer than {timeout:.0f}s")
-    if os.WIFSIGNALED(status):
-        raise ModuleLoadError(f"{path}: the module crashed while loading "
-                              f"({signal.Signals(os.WTERMSIG(status)).name})")
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise ModuleLoadError(f"{path}: the module exited while loading") from None
-    if "error" in reply:
-        raise ModuleLoadError(reply["error"])
-    return reply["functions"]
+        os.close(probe.fd)
+    return probe.result(data, _reap(probe.pid))
 
 
 def _read_all(fd: int, timeout: float) -> bytes:

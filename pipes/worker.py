@@ -34,28 +34,20 @@ import signal
 import socket
 import time
 
-from . import _relay
+from . import _relay, messages, system, vfmodules
 from ._sockops import accept_connection, connect_onward, reset_and_close, saved_syn
 from .addressplan import AddressError, AddressPlan
 from .config import Config
-from . import vfmodules
 from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, FunctionRegistry,
                         UnknownFunction, configure_builtins)
 from .ratelimit import RateLimitedLogger
 from .srh import SRH, SRHError, find_srh
 from .stats import WorkerRegion
 
-SOL_IPV6 = socket.IPPROTO_IPV6
-IPV6_TRANSPARENT = 75
-TCP_SAVE_SYN = 27
 SAVED_SYN_MAX = 1024  # IPv6 + SRH + TCP headers of a SYN: SRHs of up to ~55 segments
 LISTEN_BACKLOG = 4096
 ACCEPT_BURST = 64
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-# Exit codes the master understands (gunicorn's idea): a worker that cannot boot is not
-# re-forked in a tight loop.
-EXIT_BOOT_FAILED = 3
 
 log = logging.getLogger("srv6pipes.worker")
 
@@ -79,9 +71,9 @@ def make_listener(port: int) -> socket.socket:
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        listener.setsockopt(socket.IPPROTO_IPV6, system.IPV6_TRANSPARENT, 1)
         # Keeps the SYN's headers (SRH included) for the table-miss fallback.
-        listener.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, system.TCP_SAVE_SYN, 1)
         listener.bind(("::", port))
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
@@ -204,7 +196,7 @@ class Worker:
             self.init_process()
         except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
             log.error("worker %d failed to boot: %s", self.index, exc)
-            os._exit(EXIT_BOOT_FAILED)
+            os._exit(system.EXIT_BOOT_FAILED)
         try:
             self.serve()
         finally:
@@ -244,7 +236,8 @@ class Worker:
         # A spare descriptor lets us accept-and-reset when descriptors run out, instead of
         # spinning on a listener that stays readable.
         self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        drop_capabilities()
+        system.drop_capabilities(system.WORKER_CAPABILITIES)
+        self.tell_master({"event": "ready"})   # the master retires the old generation
 
     def handle_stop(self, signum, frame) -> None:
         """SIGTERM/SIGINT: stop accepting, let established flows drain."""
@@ -424,44 +417,48 @@ class Worker:
         return result
 
     def handle_control(self) -> None:
-        """Serves every request the master has sent (one JSON object per message)."""
-        while True:
+        """Serves every request the master has sent (messages.WORKER_REQUESTS, one per
+        message); each reply carries the request's id."""
+        while self.channel is not None:
             try:
-                message = self.channel.recv(65536, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+                message = self.channel.recv(messages.MAX_MESSAGE + 1, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                message = b""
+            if not message:
+                # The master is gone (its parent-death signal is on its way, or it closed
+                # our channel): stop watching a descriptor that would stay readable.
+                self.channel.close()
+                self.channel = None
                 return
-            if not message:  # the master is gone; pdeathsig will end us
-                return
+            request_id = 0
             try:
-                reply = {"ok": True, **self.control_request(json.loads(message))}
-            except (vfmodules.ModuleLoadError, FunctionConflict, KeyError, ValueError) as exc:
-                reply = {"ok": False, "error": str(exc).strip("'\"")}
-            try:
-                self.channel.send(json.dumps(reply).encode())
-            except OSError:
-                pass
+                request = messages.parse(message, messages.WORKER_REQUESTS, need_id=True)
+                request_id = request.id
+                reply = messages.reply_ok(**self.control_request(request))
+            except (messages.MessageError, vfmodules.ModuleLoadError, FunctionConflict,
+                    KeyError) as exc:
+                reply = messages.reply_error(str(exc).strip("'\""))
+            self.tell_master({"id": request_id, **reply})
 
-    def control_request(self, request: dict) -> dict:
-        cmd = request.get("cmd")
-        if cmd == "load":
-            module = self.load_module(request["path"], request["slots"])
+    def tell_master(self, message: dict) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.channel.send(json.dumps(message).encode(), socket.MSG_DONTWAIT)
+        except OSError as exc:
+            self.rlog.warning("channel", "worker %d: cannot answer the master: %s",
+                              self.index, exc)
+
+    def control_request(self, request: messages.Message) -> dict:
+        if isinstance(request, messages.LoadModule):
+            module = self.load_module(request.path, dict(request.slots))
             return {"module": module.name}
-        if cmd == "unload":
-            return {"active_flows": self.unload_module(request["module"])}
-        if cmd == "modules":
+        if isinstance(request, messages.UnloadModule):
+            return {"active_flows": self.unload_module(request.module)}
+        if isinstance(request, messages.ListModules):
             return self.describe_modules()
-        if cmd == "module_stats":
-            return {"stats": self.module_stats()}
-        raise ValueError(f"unknown worker request {cmd!r}")
+        return {"stats": self.module_stats()}   # messages.ModuleStats
 
 
-def drop_capabilities() -> None:
-    """Keeps only what onward sockets need: CAP_NET_ADMIN (IPV6_TRANSPARENT), CAP_NET_RAW."""
-    import prctl
-
-    keep = (prctl.CAP_NET_ADMIN, prctl.CAP_NET_RAW)
-    prctl.cap_effective.limit(*keep)
-    prctl.cap_permitted.limit(*keep)
-    prctl.cap_inheritable.limit()
