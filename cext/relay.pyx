@@ -122,6 +122,15 @@ cdef extern from "fcntl.h" nogil:
         O_CLOEXEC
 
 
+cdef extern from "time.h" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC_COARSE
+
+
 cdef extern from "unistd.h" nogil:
     int pipe2(int *fds, int flags)
     ssize_t write(int fd, const void *buf, size_t n)
@@ -175,6 +184,9 @@ FUNCTION_COUNTERS = (
     "vf_resets",          # the function asked for a reset (e.g. a DPI block)
     "vf_errors",          # the function failed: exception, PIPES_VF_ERROR, broken contract
     "splice_switches",    # identity directions moved from the buffer path to splice (bulk)
+    "timeouts_connect",   # the server did not answer within the connect timeout (connect_failed)
+    "timeouts_client",    # the client side idle too long (idle or, after its FIN, client-fin)
+    "timeouts_server",    # the server side idle too long (idle or, after its FIN, server-fin)
 )
 
 cdef enum:
@@ -190,6 +202,9 @@ cdef enum:
     C_VF_RESETS
     C_VF_ERRORS
     C_SPLICE_SWITCHES
+    C_TIMEOUTS_CONNECT
+    C_TIMEOUTS_CLIENT
+    C_TIMEOUTS_SERVER
     N_COUNTERS
 
 assert N_COUNTERS == len(FUNCTION_COUNTERS)
@@ -261,6 +276,8 @@ cdef struct Flow:
     bint fin[2]             # EPOLLRDHUP seen: the peer's FIN is queued behind the data
     int state
     uint32_t gen
+    uint64_t started_ms     # add_flow time: the connect timeout counts from here
+    uint64_t last_ms[2]     # last byte read from or written to each side (idle timeouts)
     bint use_pipes          # identity: bulk directions move to splice (cleared if no pipe)
     size_t bufsize          # each buffer's size: buffer_size, IDENTITY_BUFFER for identity
     bint stream             # the stream path (in + out buffer per direction)
@@ -336,6 +353,22 @@ cdef inline int socket_error(int fd) noexcept nogil:
     return err
 
 
+cdef inline uint64_t monotonic_ms() noexcept nogil:
+    """The coarse monotonic clock (a few ms of resolution, no system call on x86 vDSO):
+    read once per poll for the timeouts, never per chunk."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>ts.tv_nsec // 1000000
+
+
+cdef inline void linger_off(int fd) noexcept nogil:
+    """Undo the flow's SO_LINGER {1, 0} before a graceful close (see _finish)."""
+    cdef linger lg
+    lg.l_onoff = 0
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
 cdef class RelayLoop:
     """One worker's epoll relay loop. Not thread-safe: call every method from one thread.
 
@@ -365,6 +398,11 @@ cdef class RelayLoop:
     cdef epoll_event *events
     cdef PooledPipe pool[PIPE_POOL]
     cdef int pool_len
+    cdef uint64_t now_ms            # CLOCK_MONOTONIC_COARSE, read once per poll
+    cdef uint64_t next_expiry_ms    # when _expire next looks at every flow
+    cdef uint64_t connect_timeout_ms    # 0: none (the kernel's SYN retries decide)
+    cdef uint64_t idle_timeout_ms[2]    # per side: client, server; 0: none
+    cdef uint64_t fin_timeout_ms[2]     # per side, once that side has sent its FIN
     cdef public bint fail_pipes_for_testing  # makes the switch to splice take the fallback path
 
     def __cinit__(self):
@@ -449,6 +487,22 @@ cdef class RelayLoop:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             raise OSError(errno, "cannot watch the descriptor")
 
+    def set_timeouts(self, double connect=0, double client=0, double server=0,
+                     double client_fin=0, double server_fin=0):
+        """Timeouts in seconds (0: none), HAProxy's names: a connect not completed within
+        `connect` fails the flow (timeouts_connect, connect_failed); a side with no byte
+        read from or written to it for `client` / `server` seconds resets the flow
+        (timeouts_client / timeouts_server, flows_reset); once that side has sent its FIN,
+        `client_fin` / `server_fin` apply instead. Checked about once a second."""
+        for value in (connect, client, server, client_fin, server_fin):
+            if value < 0:
+                raise ValueError("timeouts are >= 0 seconds")
+        self.connect_timeout_ms = <uint64_t>(connect * 1000)
+        self.idle_timeout_ms[0] = <uint64_t>(client * 1000)
+        self.idle_timeout_ms[1] = <uint64_t>(server * 1000)
+        self.fin_timeout_ms[0] = <uint64_t>(client_fin * 1000)
+        self.fin_timeout_ms[1] = <uint64_t>(server_fin * 1000)
+
     # -- adding a flow -------------------------------------------------------------------
     def add_flow(self, int client_fd, int server_fd, int slot=0, uintptr_t function=0,
                  object pyfunction=None, unsigned int params=0, tuple flow=None,
@@ -513,6 +567,10 @@ cdef class RelayLoop:
             f.dir[d].pipe_r = -1
             f.dir[d].pipe_w = -1
         f.state = CONNECTING if connecting else OPEN
+        self.now_ms = monotonic_ms()
+        f.started_ms = self.now_ms
+        f.last_ms[0] = self.now_ms
+        f.last_ms[1] = self.now_ms
         self.nactive += 1
         ctr[C_STARTED] += 1
         ctr[C_ACTIVE] += 1
@@ -612,6 +670,7 @@ cdef class RelayLoop:
         n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
         if n < 0:
             return -1
+        self.now_ms = monotonic_ms()
         for i in range(n):
             token = self.events[i].data.u64
             if token == LISTENER_TOKEN:
@@ -644,7 +703,31 @@ cdef class RelayLoop:
             f = &self.flows[self.ready_head]
             self._unqueue(f)
             self._pump(f)
+        if self.now_ms >= self.next_expiry_ms:
+            self.next_expiry_ms = self.now_ms + 1000
+            self._expire()
         return ready
+
+    cdef void _expire(self) noexcept nogil:
+        """Ends the flows whose connect, idle or half-closed timeout has passed. About once
+        a second: a walk over the flow table (the slots ever used)."""
+        cdef int i, side
+        cdef uint64_t limit
+        cdef Flow *f
+        for i in range(self.high_water):
+            f = &self.flows[i]
+            if f.state == CONNECTING:
+                if self.connect_timeout_ms and self.now_ms - f.started_ms > self.connect_timeout_ms:
+                    f.ctr[C_TIMEOUTS_CONNECT] += 1
+                    self._finish(f, C_CONNECT_FAILED)
+            elif f.state == OPEN:
+                for side in range(2):
+                    # dir[side] reads from side: its eof is that side's FIN.
+                    limit = self.fin_timeout_ms[side] if f.dir[side].eof else self.idle_timeout_ms[side]
+                    if limit and self.now_ms - f.last_ms[side] > limit:
+                        f.ctr[C_TIMEOUTS_CLIENT + side] += 1
+                        self._finish(f, C_RESET)
+                        break
 
     cdef void _handle(self, Flow *f, int side, uint32_t evs) noexcept nogil:
         cdef int err
@@ -755,6 +838,7 @@ cdef class RelayLoop:
             start[0] += n
             length[0] -= n
             f.ctr[C_BYTES_UP + d] += <uint64_t>n
+            f.last_ms[dst] = self.now_ms
             return 1
         if n < 0 and would_block(errno):
             f.wr[dst] = False
@@ -786,6 +870,8 @@ cdef class RelayLoop:
         or STEP_SOCKET_ERROR."""
         cdef int src = d
         cdef ssize_t n = recv(f.fd[src], p, room, MSG_DONTWAIT)
+        if n >= 0:
+            f.last_ms[src] = self.now_ms
         if n > 0:
             # A short TCP read means the receive queue was empty: data arriving later
             # wakes epoll again, so skip the recv that would say EAGAIN. Not once a
@@ -886,6 +972,7 @@ cdef class RelayLoop:
             if n > 0:
                 x.pending -= n
                 f.ctr[C_BYTES_UP + d] += <uint64_t>n
+                f.last_ms[dst] = self.now_ms
                 progress = 1
             elif n < 0:
                 if would_block(errno):
@@ -897,6 +984,8 @@ cdef class RelayLoop:
         if not x.eof and f.rd[src] and x.pending < x.pipe_cap:
             n = splice(f.fd[src], NULL, x.pipe_w, NULL, x.pipe_cap - x.pending,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n >= 0:
+                f.last_ms[src] = self.now_ms
             if n > 0:
                 x.pending += n
                 progress = 1
@@ -1073,6 +1162,12 @@ cdef class RelayLoop:
             return
         self._unqueue(f)
         if how == C_CLOSED:
+            # Every flow's sockets carry SO_LINGER {1, 0} (the listener's, inherited, and the
+            # onward socket's): if this process dies, the kernel then resets both sides
+            # instead of closing them with a FIN a client would take for a complete
+            # transfer. A graceful close must not discard unacknowledged data: linger off.
+            linger_off(f.fd[0])
+            linger_off(f.fd[1])
             close(f.fd[0])
             close(f.fd[1])
         else:

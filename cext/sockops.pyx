@@ -42,6 +42,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int SO_REUSEADDR
     int SO_REUSEPORT
     int SO_LINGER
+    int SO_KEEPALIVE
     int socket(int domain, int type, int protocol)
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
@@ -66,6 +67,9 @@ cdef extern from "<netinet/in.h>" nogil:
 
 cdef extern from "<netinet/tcp.h>" nogil:
     int TCP_NODELAY
+    int TCP_KEEPIDLE
+    int TCP_KEEPINTVL
+    int TCP_KEEPCNT
 
 # Linux option numbers (<linux/in6.h>, <linux/tcp.h>); not every libc header defines them.
 cdef enum:
@@ -74,6 +78,28 @@ cdef enum:
     TCP_SAVED_SYN = 28
 
 cdef int ON = 1
+# TCP keepalive of onward sockets (set_keepalive); the listener's accepted sockets inherit
+# the listener's own settings. 0: off.
+cdef int keepalive_idle = 0
+cdef int keepalive_interval = 0
+cdef int keepalive_count = 0
+
+
+def set_keepalive(int idle, int interval, int count):
+    """TCP keepalive for every later onward socket: first probe after `idle` seconds
+    without traffic, then every `interval`, reset after `count` unanswered (idle 0: off).
+    Called once by the worker at boot."""
+    global keepalive_idle, keepalive_interval, keepalive_count
+    if idle < 0 or interval <= 0 or count <= 0:
+        raise ValueError("keepalive: idle >= 0, interval > 0, count > 0")
+    keepalive_idle, keepalive_interval, keepalive_count = idle, interval, count
+
+
+cdef int set_int(int fd, int level, int name, int value) noexcept nogil:
+    """setsockopt(level, name, value); returns 0 or the errno."""
+    if setsockopt(fd, level, name, &value, sizeof(value)) < 0:
+        return errno
+    return 0
 
 
 cdef int raise_errno(int err) except -1:
@@ -162,6 +188,7 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
     relay checks SO_ERROR). On any failure the socket is closed and OSError raised.
     """
     cdef sockaddr_in6 source, dest
+    cdef linger lg
     cdef int fd, err = 0
     fill_address(&source, client_addr, client_port)
     fill_address(&dest, dest_addr, dest_port)
@@ -178,6 +205,19 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
         err = set_flag(fd, SOL_SOCKET, SO_REUSEPORT)
     if not err:
         err = set_flag(fd, IPPROTO_TCP, TCP_NODELAY)
+    if not err:
+        # As on the listener (accepted sockets inherit it): if the worker dies mid-flow,
+        # the kernel resets this connection rather than closing it with a FIN the server
+        # would take for the client's end. The relay turns it off for a graceful close.
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        if setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0:
+            err = errno
+    if not err and keepalive_idle:
+        err = (set_flag(fd, SOL_SOCKET, SO_KEEPALIVE)
+               or set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, keepalive_idle)
+               or set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, keepalive_interval)
+               or set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, keepalive_count))
     if not err and bind(fd, <sockaddr *>&source, sizeof(source)) < 0:
         err = errno
     # The remaining segments: the kernel puts this SRH on every packet of the connection.

@@ -41,6 +41,27 @@ def _port(value: Any) -> int:
     return number
 
 
+def _seconds(value: Any) -> float:
+    number = float(value)
+    if not 0 <= number <= 86400 * 365:
+        raise ValueError(f"must be seconds between 0 and one year, got {value!r}")
+    return number
+
+
+def _keepalive(value: Any) -> tuple[int, int, int]:
+    """IDLE[,INTERVAL,COUNT] seconds/probes; 0 turns keepalive off."""
+    parts = [int(part) for part in str(value).split(",")] if str(value).strip() else [0]
+    if parts == [0]:
+        return (0, 10, 6)
+    if len(parts) == 1:
+        parts += [10, 6]
+    if len(parts) != 3 or not (1 <= parts[0] <= 32767 and 1 <= parts[1] <= 32767
+                               and 1 <= parts[2] <= 127):
+        raise ValueError(f"must be IDLE,INTERVAL,COUNT (1-32767 s, 1-32767 s, 1-127) or 0, "
+                         f"got {value!r}")
+    return tuple(parts)
+
+
 def _locator(value: Any) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network(str(value), strict=True)
 
@@ -120,8 +141,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("buffer_size", "--buffer-size", 65536, _positive_int,
             "relay buffer per direction for functions that transform bytes (identity uses "
             "at most 16 KiB until a direction is bulk and moves to splice)", "BYTES"),
-    Setting("drain_timeout", "--drain-timeout", 30.0, float,
-            "seconds a stopping worker waits for its flows to finish", "SECONDS"),
+    Setting("drain_timeout", "--drain-timeout", 30.0, _seconds,
+            "seconds a stopping worker waits for its flows to finish; then they are reset",
+            "SECONDS"),
+    Setting("timeout_connect", "--timeout-connect", 5.0, _seconds,
+            "seconds the next segment has to accept the onward connection (0: the kernel's "
+            "SYN retries decide)", "SECONDS"),
+    Setting("timeout_client", "--timeout-client", 3600.0, _seconds,
+            "seconds a flow may go without a byte from or to the client before it is "
+            "reset (0: never)", "SECONDS"),
+    Setting("timeout_server", "--timeout-server", 3600.0, _seconds,
+            "the same toward the server (the next segment)", "SECONDS"),
+    Setting("timeout_client_fin", "--timeout-client-fin", 60.0, _seconds,
+            "idle limit on the client side once the client has sent its FIN", "SECONDS"),
+    Setting("timeout_server_fin", "--timeout-server-fin", 60.0, _seconds,
+            "idle limit on the server side once the server has sent its FIN", "SECONDS"),
+    Setting("keepalive", "--keepalive", "60,10,6", _keepalive,
+            "TCP keepalive on both legs: IDLE,INTERVAL,COUNT (first probe after IDLE s "
+            "without traffic, one every INTERVAL s, reset after COUNT unanswered); 0: off",
+            "IDLE[,INT,CNT]"),
     Setting("modules", "--modules", "", _paths,
             "VF modules (.so or .py) to load at start, comma-separated; more with "
             "`pipesctl load`", "PATH[,PATH]"),
@@ -159,6 +197,12 @@ class Config:
     max_flows: int
     buffer_size: int
     drain_timeout: float
+    timeout_connect: float
+    timeout_client: float
+    timeout_server: float
+    timeout_client_fin: float
+    timeout_server_fin: float
+    keepalive: tuple[int, int, int]
     modules: tuple[str, ...]
     keyring: str | None
     dpi_patterns: str | None

@@ -32,10 +32,12 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 
 from . import _relay, messages, system, vfmodules
-from ._sockops import accept_connection, connect_onward, reset_and_close, saved_syn
+from ._sockops import (accept_connection, connect_onward, reset_and_close, saved_syn,
+                       set_keepalive)
 from .addressplan import AddressError, AddressPlan
 from .config import Config
 from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, FunctionRegistry,
@@ -65,12 +67,21 @@ class Rejected(Exception):
         self.counter = counter
 
 
-def make_listener(port: int) -> socket.socket:
-    """The worker's own transparent listener; SO_REUSEPORT gives each worker its queue."""
+def make_listener(port: int, keepalive: tuple[int, int, int] = (0, 10, 6)) -> socket.socket:
+    """The worker's own transparent listener; SO_REUSEPORT gives each worker its queue.
+    Accepted sockets inherit its SO_LINGER {1, 0} (a worker that dies resets its flows
+    instead of ending them with a FIN that looks like a complete transfer) and keepalive."""
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        idle, interval, count = keepalive
+        if idle:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
         listener.setsockopt(socket.IPPROTO_IPV6, system.IPV6_TRANSPARENT, 1)
         # Keeps the SYN's headers (SRH included) for the table-miss fallback.
         listener.setsockopt(socket.IPPROTO_TCP, system.TCP_SAVE_SYN, 1)
@@ -221,9 +232,14 @@ class Worker:
         # Inherited over fork without page tables: map the table in now, not one page
         # fault per first-touched slot on the accept path (SrhTable.prefault).
         self.srh_table.prefault()
-        self.listener = make_listener(self.config.port)
+        config = self.config
+        self.listener = make_listener(config.port, config.keepalive)
+        set_keepalive(*config.keepalive)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
-                                      MAX_FUNCTION_SLOTS, self.config.max_flows, self.config.buffer_size)
+                                      MAX_FUNCTION_SLOTS, config.max_flows, config.buffer_size)
+        self.relay.set_timeouts(config.timeout_connect, config.timeout_client,
+                                config.timeout_server, config.timeout_client_fin,
+                                config.timeout_server_fin)
         configure_builtins(self.config)
         for path, slots in self.boot_modules:
             try:

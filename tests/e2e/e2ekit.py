@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import socket
 import struct
@@ -19,6 +20,8 @@ IPV6_RTHDR = 57
 ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
 RESET_PORT = 9001       # reads a little, then resets
 CLOSE_PORT = 9002       # sends the peer header and closes first (HTTP with Connection: close)
+DOWNLOAD_PORT = 9003    # reads "SIZE\n", sends SIZE bytes of download_block() repeated, closes
+DOWNLOAD_BLOCK = 1 << 20
 PEER_HEADER = 64        # the server's first bytes: "address port", space padded
 FUNCTIONS = {"identity": 0, "xor": 1, "xor-passes": 2, "compress": 3, "decompress": 4,
              "encrypt": 5, "decrypt": 6, "dpi": 7, "count": 8,
@@ -45,7 +48,8 @@ class EchoServer:
         self.stop = threading.Event()
         with host.enter():
             for port, serve in ((ECHO_PORT, self.echo), (RESET_PORT, self.reset),
-                                (CLOSE_PORT, self.greet_and_close)):
+                                (CLOSE_PORT, self.greet_and_close),
+                                (DOWNLOAD_PORT, self.download)):
                 listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 listener.bind((str(host.addr), port))
@@ -77,6 +81,28 @@ class EchoServer:
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
         except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @staticmethod
+    def download(conn, peer):
+        conn.settimeout(60)
+        try:
+            request = b""
+            while not request.endswith(b"\n") and len(request) < 32:
+                chunk = conn.recv(32)
+                if not chunk:
+                    return
+                request += chunk
+            left = int(request)
+            block = memoryview(download_block())
+            offset = 0
+            while left > 0:
+                sent = conn.send(block[offset:offset + left])
+                left -= sent
+                offset = (offset + sent) % len(block)
+        except (OSError, ValueError):
             pass
         finally:
             conn.close()
@@ -174,6 +200,17 @@ class Lab:
         header = xor_bytes(bytes(received[:PEER_HEADER]), key)
         address, port = header.decode().split()
         return (address, int(port)), bytes(received[PEER_HEADER:]), local
+
+
+def download_block() -> bytes:
+    """What DOWNLOAD_PORT sends, repeated: 1 MiB fixed pseudo-random bytes."""
+    global _DOWNLOAD
+    if _DOWNLOAD is None:
+        _DOWNLOAD = random.Random(1729).randbytes(DOWNLOAD_BLOCK)
+    return _DOWNLOAD
+
+
+_DOWNLOAD = None
 
 
 def read_to_eof(sock: socket.socket, chunk_size: int = 1 << 20) -> bytes:

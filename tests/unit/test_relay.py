@@ -758,6 +758,93 @@ def test_client_gives_up_while_connecting(env):
             filler.close()
 
 
+# -- timeouts ----------------------------------------------------------------------------------
+def full_backlog_listener():
+    """A listener whose accept queue is full: a connect to it hangs (SYNs dropped). Returns
+    (listener, fillers) to close."""
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(stuck.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)
+    return stuck, fillers
+
+
+def test_connect_timeout_fails_the_flow_and_resets_the_client(env):
+    stuck, fillers = full_backlog_listener()
+    try:
+        proxy = env.proxy(stuck.getsockname(), "splice")
+        proxy.call(lambda loop: loop.set_timeouts(connect=1))
+        start = time.monotonic()
+        expect_reset(proxy)
+        assert 0.9 < time.monotonic() - start < 4
+        check_counters(proxy, 1, closed=0, connect_failed=1)
+        assert proxy.counter("timeouts_connect") == 1
+    finally:
+        stuck.close()
+        for filler in fillers:
+            filler.close()
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_an_idle_side_resets_the_flow_after_its_timeout(env, side):
+    backend = env.backend(lambda sock: Peer(sock, hold=True))
+    proxy = env.proxy(backend.address, "splice")
+    proxy.call(lambda loop: loop.set_timeouts(**{side: 1}))
+    with proxy.connect() as sock:
+        sock.sendall(b"hello")            # then both ends go quiet
+        start = time.monotonic()
+        sock.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+        assert 0.9 < time.monotonic() - start < 4
+    check_counters(proxy, 1, reset=1)
+    assert proxy.counter(f"timeouts_{side}") == 1
+    other = "server" if side == "client" else "client"
+    assert proxy.counter(f"timeouts_{other}") == 0
+
+
+def test_a_busy_flow_outlives_its_idle_timeouts(env):
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, "splice")
+    proxy.call(lambda loop: loop.set_timeouts(client=1, server=1))
+    with proxy.connect() as sock:
+        for _ in range(12):               # 3 s of traffic every 0.25 s
+            sock.sendall(b"tick")
+            assert sock.recv(10) == b"tick"
+            time.sleep(0.25)
+    check_counters(proxy, 1)
+    assert proxy.counter("timeouts_client") == proxy.counter("timeouts_server") == 0
+
+
+def test_half_closed_client_side_uses_the_client_fin_timeout(env):
+    """The client sent its request and FIN; the server never answers. The idle timeouts
+    are long, client-fin short: the flow is reset by client-fin."""
+    backend = env.backend(lambda sock: Peer(sock, hold=True))
+    proxy = env.proxy(backend.address, "stream")
+    proxy.call(lambda loop: loop.set_timeouts(client=60, server=60, client_fin=1))
+    with proxy.connect() as sock:
+        sock.sendall(b"request")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+    check_counters(proxy, 1, reset=1)
+    assert proxy.counter("timeouts_client") == 1
+
+
+def test_timeouts_must_not_be_negative(env):
+    backend = env.backend(lambda sock: Peer(sock, echo=True))
+    proxy = env.proxy(backend.address, "splice")
+    with pytest.raises(ValueError):
+        proxy.call(lambda loop: loop.set_timeouts(client=-1))
+
+
 def test_shutdown_resets_or_closes_open_flows(env):
     backend = env.backend(lambda sock: Peer(sock, hold=True))
     for reset in (True, False):

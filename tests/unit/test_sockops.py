@@ -167,6 +167,9 @@ def test_connect_onward_binds_the_client_address_and_connects():
             with closing(socket.socket(fileno=os.dup(fd))) as view:
                 assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
                 assert view.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                # A worker that dies resets this connection instead of closing it.
+                assert struct.unpack("ii", view.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
         finally:
             _sockops.close_fd(fd)
 
@@ -219,3 +222,30 @@ def test_connect_onward_checks_its_arguments():
         _sockops.connect_onward(LOOPBACK, 65536, LOOPBACK, 2, None)
     with pytest.raises(TypeError):
         _sockops.connect_onward(None, 1, LOOPBACK, 2, None)
+
+
+@needs_root
+def test_connect_onward_sets_keepalive_when_asked():
+    with closing(listener()) as server:
+        _sockops.set_keepalive(42, 7, 3)
+        try:
+            fd = _sockops.connect_onward(LOOPBACK, free_port(), LOOPBACK,
+                                         server.getsockname()[1], None)
+        finally:
+            _sockops.set_keepalive(0, 10, 6)
+        try:
+            with closing(socket.socket(fileno=os.dup(fd))) as view:
+                assert view.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert [view.getsockopt(socket.IPPROTO_TCP, option) for option in (
+                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [42, 7, 3]
+        finally:
+            _sockops.close_fd(fd)
+        fd = _sockops.connect_onward(LOOPBACK, free_port(), LOOPBACK, server.getsockname()[1],
+                                     None)
+        try:
+            with closing(socket.socket(fileno=os.dup(fd))) as view:
+                assert view.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        finally:
+            _sockops.close_fd(fd)
+    with pytest.raises(ValueError):
+        _sockops.set_keepalive(1, 0, 1)
