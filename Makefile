@@ -6,6 +6,7 @@
 PYTHON ?= python3
 APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
 	libnetfilter-queue-dev libnfnetlink-dev libcap-dev zlib1g-dev \
+	clang libbpf-dev linux-libc-dev \
 	curl lighttpd wrk iperf3 haproxy
 STAMP = .deps-installed
 

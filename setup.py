@@ -8,6 +8,9 @@ so a fresh clone builds with one command (``pip install -e .``). The example C V
 """
 import glob
 import os
+import shutil
+import subprocess
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -57,13 +60,41 @@ class build_py_with_kernel(build_py):
             self.copy_file(template, os.path.join(target, os.path.basename(template)))
 
 
+def build_bpf_programs(target_dirs):
+    """kernel/NAME.bpf.c -> NAME.bpf.o (clang -target bpf) in each of target_dirs. Without
+    clang the programs are skipped with a warning: pipesd then runs without them (see
+    pipes/cookies.py)."""
+    sources = sorted(glob.glob(os.path.join(HERE, "kernel", "*.bpf.c")))
+    clang = shutil.which("clang") or shutil.which("clang-14")
+    if not sources:
+        return
+    if clang is None:
+        print("warning: clang not found: the BPF programs (SYN-cookie interception) are not built")
+        return
+    multiarch = sysconfig.get_config_var("MULTIARCH") or subprocess.run(
+        ["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    for source in sources:
+        name = os.path.basename(source)[:-2] + ".o"
+        first = os.path.join(target_dirs[0], name)
+        os.makedirs(target_dirs[0], exist_ok=True)
+        subprocess.run([clang, "-O2", "-target", "bpf", f"-I/usr/include/{multiarch}",
+                        "-c", source, "-o", first], check=True)
+        for other in target_dirs[1:]:
+            shutil.copy(first, os.path.join(other, name))
+
+
 class build_ext_with_vf_modules(build_ext):
     """Also builds cext/examples/NAME.c into srv6pipes/modules/NAME.so. A VF module is
     dlopen()ed by path, not imported, so it is a plain shared object without the Python
-    extension suffix. Editable installs (inplace) get a copy next to the sources."""
+    extension suffix. Editable installs (inplace) get a copy next to the sources. And the
+    BPF programs of kernel/ (build_bpf_programs), into srv6pipes/kernel/ (and kernel/)."""
 
     def run(self):
         super().run()
+        targets = [os.path.join(self.build_lib, "srv6pipes", "kernel")]
+        if self.inplace:
+            targets.append(os.path.join(HERE, "kernel"))
+        build_bpf_programs(targets)
         build_py = self.get_finalized_command("build_py")
         for source in sorted(glob.glob(os.path.join("cext", "examples", "*.c"))):
             name = os.path.splitext(os.path.basename(source))[0] + ".so"

@@ -143,8 +143,8 @@ COUNTERS = (
     "evictions",     # of those, a live entry with another key was overwritten (window full)
     "rejected",      # insert() refused: SRH longer than SRH_MAX
     "syn_seen",      # capture: TCP SYNs read from the queue
-    "no_srh",        # capture: SYNs without an SRH (accepted; the worker resets them)
-    "malformed",     # capture: SYNs whose IPv6 header chain or SRH did not parse (accepted)
+    "no_srh",        # capture: SYNs without an SRH (dropped)
+    "malformed",     # capture: SYNs whose IPv6 header chain or SRH did not parse (dropped)
     "not_syn",       # capture: queued packets that were not a TCP SYN (rule too broad)
     "errors",        # capture: unexpected exceptions while handling a packet (accepted)
     "queue_drops",   # capture: the kernel could not deliver queued packets (ENOBUFS): SYNs lost

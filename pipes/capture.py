@@ -52,6 +52,11 @@ IPV6_HEADER_LENGTH = 40
 # headers (IPv6 40 + SRH <= 2048 + other extension headers + TCP <= 60) fit well below.
 COPY_RANGE = 4016
 QUEUE_MAXLEN = 4096         # SYNs the kernel holds for us before it drops (ENOBUFS)
+# SYNs the capture rejects are dropped, not passed on to the listener: a worker could only
+# reset them, and under a flood of them (garbage SRHs, SRHs not for us) each would take a
+# place in the listener's SYN queue that a real client needs. Unexpected errors (ours)
+# still accept: the worker then falls back to the kernel's saved SYN.
+DROPPED = frozenset({"no_srh", "malformed", "rejected"})
 READ_BUDGET = 256           # queue messages handled before the stop flag is checked again
 POLL_INTERVAL = 0.5         # seconds; the wake-up fd makes stopping immediate anyway
 
@@ -84,7 +89,8 @@ class SynCapture:
 
     # -- per packet --------------------------------------------------------------------
     def handle_payload(self, payload: bytes, set_mark: Optional[Callable[[int], None]] = None) -> str:
-        """Records the SRH of one queued packet; returns the counter it was counted in.
+        """Records the SRH of one queued packet; returns the counter it was counted in
+        (DROPPED ones get a drop verdict, the others accept).
 
         Called for each packet before its verdict. Never raises for bad packets. With
         return routes, calls set_mark(mark) so the connection's replies take its return path.
@@ -154,16 +160,20 @@ class SynCapture:
 
     def _on_packet(self, packet) -> None:
         """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
-        the packet its verdict), and always accepts."""
+        the packet its verdict)."""
+        outcome = "errors"
         try:
-            self.handle_payload(packet.get_payload(), packet.set_mark)
+            outcome = self.handle_payload(packet.get_payload(), packet.set_mark)
         except Exception as exc:  # noqa: BLE001
             self.rlog.error("callback", "SYN capture callback failed: %r", exc)
         finally:
             try:
-                packet.accept()
+                if outcome in DROPPED:
+                    packet.drop()
+                else:
+                    packet.accept()
             except Exception as exc:  # noqa: BLE001 - verdict already given / queue gone
-                self.rlog.error("verdict", "accepting a queued SYN failed: %r", exc)
+                self.rlog.error("verdict", "the verdict on a queued SYN failed: %r", exc)
 
     # -- the queue ---------------------------------------------------------------------
     def bind(self) -> None:

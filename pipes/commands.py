@@ -120,7 +120,8 @@ class ControlCommands:
             "generation": master.generation,
             "totals": stats.merge(every_region),
             "srh_table": master.srh_table.counters(),
-            "kernel": stats.kernel_counters(),
+            "kernel": {**stats.kernel_counters(),
+                       "cookie_interception": master.cookie_interception},
             "control": dict(master.control.counters),
             "workers": workers,
         }

@@ -156,6 +156,10 @@ SETTINGS: tuple[Setting, ...] = (
             "idle limit on the client side once the client has sent its FIN", "SECONDS"),
     Setting("timeout_server_fin", "--timeout-server-fin", 60.0, _seconds,
             "idle limit on the server side once the server has sent its FIN", "SECONDS"),
+    Setting("syn_cookies", "--syn-cookies", "intercept", _choice("intercept", "reset"),
+            "connections the kernel answers with a SYN cookie (SYN flood): intercept them "
+            "(a tc BPF program hands their first ACK to the listener) or let them be reset",
+            "MODE"),
     Setting("keepalive", "--keepalive", "60,10,6", _keepalive,
             "TCP keepalive on both legs: IDLE,INTERVAL,COUNT (first probe after IDLE s "
             "without traffic, one every INTERVAL s, reset after COUNT unanswered); 0: off",
@@ -202,6 +206,7 @@ class Config:
     timeout_server: float
     timeout_client_fin: float
     timeout_server_fin: float
+    syn_cookies: str
     keepalive: tuple[int, int, int]
     modules: tuple[str, ...]
     keyring: str | None

@@ -33,7 +33,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from . import system
+from . import cookies, system
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ SYSCTL_ROOT = Path("/proc/sys/net/ipv6/conf")
 # Keys of the per-interface settings we change (conf/<if>/<key>).
 SEG6 = "seg6_enabled"
 FORWARDING = "forwarding"
+MIGRATE_REQ = "net/ipv4/tcp_migrate_req"   # Linux >= 5.14
 
 
 class KernelSetupError(RuntimeError):
@@ -72,6 +73,7 @@ class KernelConfig:
     fwmark: int = 1
     table: int = 100
     rule_priority: int = 100
+    intercept_cookies: bool = True
 
     def __post_init__(self):
         if not NAME_RE.match(self.name):
@@ -106,7 +108,8 @@ class KernelConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "KernelConfig":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        # Fields added since an older pipesd wrote the state file keep their defaults.
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -164,13 +167,12 @@ def render_ruleset(cfg: KernelConfig, backend: str) -> str:
     return text
 
 
-def _ip6tables_rule(cfg: KernelConfig) -> list[str]:
-    """The NFQUEUE rule spec after ``-A``/``-D`` (chain included)."""
-    return [
-        "PREROUTING", "-d", str(cfg.locator), "-p", "tcp", "--syn",
-        "-m", "comment", "--comment", cfg.comment,
-        "-j", "NFQUEUE", "--queue-num", str(cfg.queue_num), "--queue-bypass",
-    ]
+def _ip6tables_rules(cfg: KernelConfig) -> list[list[str]]:
+    """The NFQUEUE rule specs after ``-A``/``-D`` (chain included): every SYN to the
+    locator."""
+    return [["PREROUTING", "-d", str(cfg.locator), "-p", "tcp", "--syn",
+             "-m", "comment", "--comment", cfg.comment,
+             "-j", "NFQUEUE", "--queue-num", str(cfg.queue_num), "--queue-bypass"]]
 
 
 def _ip6tables_argv(action: str, spec: list[str]) -> list[str]:
@@ -232,31 +234,42 @@ def _interfaces() -> list[str]:
 
 
 def _sysctl_wanted() -> list[tuple[str, str]]:
-    """(path relative to net/ipv6/conf, value) in the order they are written."""
+    """(key, value) in the order they are written. A key is a path relative to
+    net/ipv6/conf, or, starting with "net/", relative to /proc/sys."""
     wanted = [(f"all/{SEG6}", "1"), (f"default/{SEG6}", "1")]
     wanted += [(f"{iface}/{SEG6}", "1") for iface in _interfaces()]
     # Writing all/forwarding also rewrites default/ and every interface's forwarding: remember
     # those too, so that remove() can put back a per-interface value that differed.
     wanted.append((f"all/{FORWARDING}", "1"))
+    # A listener that closes (old workers after a reload) hands its queued connections to
+    # another listener of its SO_REUSEPORT group instead of resetting them (IPv6 too).
+    if _sysctl_read(MIGRATE_REQ) is not None:
+        wanted.append((MIGRATE_REQ, "1"))
     return wanted
+
+
+def _sysctl_path(key: str) -> Path:
+    return Path("/proc/sys") / key if key.startswith("net/") else SYSCTL_ROOT / key
 
 
 def _sysctl_read(key: str) -> str | None:
     try:
-        return (SYSCTL_ROOT / key).read_text().strip()
+        return _sysctl_path(key).read_text().strip()
     except FileNotFoundError:
         return None
 
 
 def _sysctl_write(key: str, value: str) -> bool:
     try:
-        (SYSCTL_ROOT / key).write_text(value + "\n")
+        _sysctl_path(key).write_text(value + "\n")
         return True
     except FileNotFoundError:  # the interface is gone
         return False
 
 
 def _sysctl_display(key: str, value: str) -> str:
+    if key.startswith("net/"):
+        return f"sysctl -w {key.replace('/', '.')}={value}"
     iface, leaf = key.split("/")
     if "." in iface:  # sysctl(8) reads dots as separators: use the slash form
         return f"sysctl -w net/ipv6/conf/{iface}/{leaf}={value}"
@@ -424,12 +437,34 @@ def plan(cfg: KernelConfig, backend: str | None = None) -> list[str]:
         f"priority {cfg.rule_priority}"
     )
     if backend == IP6TABLES:
-        lines.append(shlex.join(_ip6tables_argv("-A", _ip6tables_rule(cfg))))
+        lines += [shlex.join(_ip6tables_argv("-A", rule)) for rule in _ip6tables_rules(cfg)]
     lines.append("nft -f - <<'EOF'\n" + render_ruleset(cfg, backend) + "EOF")
+    if cfg.intercept_cookies:
+        lines.append(f"# SYN-cookie ACKs to the listener: {cookies.OBJECT_NAME} (patched: locator "
+                     f"{cfg.locator}, port {cfg.port}) on every interface but lo:")
+        lines.append(f"#   tc qdisc add dev IFACE clsact; tc filter add dev IFACE ingress prio "
+                     f"{cfg.rule_priority} bpf direct-action (loaded with bpf(), named "
+                     f"{cookies.filter_name(cfg.name)})")
     return lines
 
 
-def install(cfg: KernelConfig) -> None:
+def _attach_cookie_program(cfg: KernelConfig) -> dict:
+    """Loads and attaches cookies.py's program; returns what the state file keeps. A
+    program that cannot be had is not fatal: cookie connections are then reset, as they
+    always were, and the reason is logged and shown by `pipesctl stats`."""
+    try:
+        fd = cookies.load(cookies.program(cfg.locator, cfg.port))
+        try:
+            added = cookies.attach(fd, cfg.name, cfg.rule_priority)
+        finally:
+            os.close(fd)      # the filters hold the program now
+    except cookies.CookieError as exc:
+        log.warning("SYN-cookie connections will not be intercepted: %s", exc)
+        return {"error": str(exc)}
+    return {"added_clsact": added}
+
+
+def install(cfg: KernelConfig) -> dict:
     """Install the recipe for ``cfg`` in the calling thread's network namespace.
 
     First removes any leftover of an instance with the same name (a crash, or a previous
@@ -461,8 +496,13 @@ def install(cfg: KernelConfig) -> None:
             _sysctl_write(key, value)
         _install_routing(cfg)
         if backend == IP6TABLES:
-            _run(_ip6tables_argv("-A", _ip6tables_rule(cfg)))
+            for rule in _ip6tables_rules(cfg):
+                _run(_ip6tables_argv("-A", rule))
         _run(["nft", "-f", "-"], input=render_ruleset(cfg, backend))
+        if cfg.intercept_cookies:
+            state["cookies"] = _attach_cookie_program(cfg)
+            _save_state(cfg, state)
+        return state
     except BaseException:
         log.error("installing kernel recipe %s failed: removing what was installed", cfg.name)
         try:
@@ -489,6 +529,8 @@ def remove(cfg: KernelConfig) -> None:
             if old != cfg:
                 configs.append(old)
     # Reverse install order: stop intercepting first.
+    added_clsact = (state or {}).get("cookies", {}).get("added_clsact", [])
+    cookies.detach(cfg.name, added_clsact)
     for c in configs:
         _remove_nft(c)
     for c in configs:

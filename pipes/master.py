@@ -27,7 +27,7 @@ import socket
 import time
 from typing import Optional
 
-from . import _srhtable, kernelsetup, messages, returnpath, stats, system
+from . import _srhtable, kernelsetup, messages, returnpath, stats, system, timewait
 from .addressplan import AddressPlan
 from .admission import AdmissionError, ModuleAdmission
 from .commands import ControlCommands
@@ -52,7 +52,8 @@ READY = "ready"            # the event a worker sends once it listens
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
     return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
                                     queue_num=config.queue_num, fwmark=config.fwmark,
-                                    table=config.route_table, rule_priority=config.rule_priority)
+                                    table=config.route_table, rule_priority=config.rule_priority,
+                                    intercept_cookies=config.syn_cookies == "intercept")
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class Master:
         self.stats_block: stats.StatsBlock | None = None
         self.control: ControlServer | None = None
         self.kernel_installed = None
+        self.cookie_interception = "off"
         self.started = time.time()
         self.stop_deadline = 0.0
 
@@ -136,7 +138,11 @@ class Master:
         """Interception (kernelsetup) and, off-path, return routing (returnpath). Both
         first remove what a crashed predecessor may have left."""
         self.kernel_installed = kernel_config(config)
-        kernelsetup.install(self.kernel_installed)
+        state = kernelsetup.install(self.kernel_installed)
+        cookie_state = state.get("cookies")
+        self.cookie_interception = ("off (--syn-cookies reset)" if cookie_state is None else
+                                    f"off: {cookie_state['error']}" if "error" in cookie_state
+                                    else "on")
         returnpath.remove(config.name, config.fwmark, self.kernel_installed.rule_priority)
         if config.return_mode != "on-path":
             returnpath.install(config.name, config.fwmark, self.kernel_installed.rule_priority)
@@ -151,6 +157,9 @@ class Master:
     def teardown(self) -> None:
         """Stops every child, then removes kernel state and shared memory. Always runs."""
         self.stop_children(graceful=False, timeout=5.0)
+        retired = timewait.retire_leftovers()   # or routed traffic may stall on them
+        if retired:
+            log.info("retired %d TIME_WAIT sockets of our flows", retired)
         if self.control is not None:
             self.control.close()
         if self.admission is not None:

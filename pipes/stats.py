@@ -135,11 +135,12 @@ def merge(snapshots: list[dict]) -> dict:
     return totals
 
 
-# Namespace-wide kernel counters an operator needs next to ours: SYN-cookie connections
-# cannot be intercepted (only the SYN is TPROXY'd, the cookie's ACK never reaches the
-# listener, so the kernel resets them), and listen queue overflows precede cookies.
+# Namespace-wide kernel counters an operator needs next to ours: SYN cookies sent, and
+# their ACKs validated (received) or not (failed: the connection is reset) by our
+# listeners once cookies.py hands them over; listen queue overflows precede cookies.
 KERNEL_COUNTERS = {
     "SyncookiesSent": "syncookies_sent",
+    "SyncookiesRecv": "syncookies_recv",
     "SyncookiesFailed": "syncookies_failed",
     "ListenOverflows": "listen_overflows",
     "ListenDrops": "listen_drops",

@@ -67,7 +67,9 @@ class Pipesd:
         return json.loads(self.ctl("stats").stdout)
 
     def log(self) -> str:
-        self.log_file.flush()
+        """Everything the daemon wrote so far (also after stop())."""
+        if not self.log_file.closed:
+            self.log_file.flush()
         with open(self.log_path, "rb") as handle:
             return handle.read().decode(errors="replace")
 

@@ -274,6 +274,12 @@ def kernel_snapshot(host) -> dict[str, str]:
     }
     for key in ("seg6_enabled", "forwarding"):
         state[key] = out(["sh", "-c", f"grep -H . /proc/sys/net/ipv6/conf/*/{key}"])
+    state["tcp_migrate_req"] = out(["cat", "/proc/sys/net/ipv4/tcp_migrate_req"])
+    # tc: qdiscs and ingress filters of every interface (the cookie program's filters).
+    # (A reloaded program gets a new id: not part of the state.)
+    state["tc"] = re.sub(r" id \d+", "", out(
+        ["sh", "-c", "for dev in $(ls /sys/class/net); do tc qdisc show dev $dev; "
+                     "tc filter show dev $dev ingress 2>/dev/null; done"]))
     return state
 
 

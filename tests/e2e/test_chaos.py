@@ -167,3 +167,82 @@ def test_a_client_that_vanished_without_a_reset_is_found_by_keepalive(line):
     finally:
         c.run("nft delete table inet chaos", check=False)
         proxy.stop()
+
+
+# -- 4. hitless reload --------------------------------------------------------------------------
+def parse_wrk(output: str) -> dict:
+    """Requests and every kind of error from wrk's summary."""
+    import re
+
+    result = {"requests": 0, "errors": 0, "non2xx": 0}
+    match = re.search(r"(\d+) requests in", output)
+    if match:
+        result["requests"] = int(match[1])
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if match:
+        result["errors"] = sum(int(x) for x in match.groups())
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if match:
+        result["non2xx"] = int(match[1])
+    return result
+
+
+def test_five_reloads_under_load_fail_no_connection_and_corrupt_no_transfer(line, tmp_path):
+    from srv6pipes.lab.apps import Lighttpd
+
+    tb, lab = line
+    config = tmp_path / "pipesd.toml"
+    config.write_text("workers = 2\n")
+    # Old workers drain their flows for up to --drain-timeout: long enough for the downloads.
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("hup"), workers=None,
+                   extra=("--config", str(config), "--drain-timeout", "60"))
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "1k").write_bytes(os.urandom(1024))
+    server = Lighttpd(tb.hosts["s"], str(www), port=80, access_log=False)
+    try:
+        tb.steer("c", "s", [identity(tb)], port=80)
+        downloads = [Download(lab, tb, 400 << 20, pause=0.008) for _ in range(2)]
+        wrk = tb.hosts["c"].popen(["wrk", "-t2", "-c20", "-d10s", "-H", "Connection: close",
+                                   f"http://[{tb.hosts['s'].addr}]/1k"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        generations = [proxy.stats()["generation"]]
+        for _ in range(5):
+            time.sleep(1.5)
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: proxy.stats()["generation"] > generations[-1], 10)
+            generations.append(proxy.stats()["generation"])
+        output, _ = wrk.communicate(timeout=30)
+        result = parse_wrk(output)
+        assert result["requests"] > 5000, output           # the load was real
+        assert result["errors"] == 0 and result["non2xx"] == 0, output
+        outcomes = [d.wait(120) for d in downloads]
+        assert outcomes == ["complete", "complete"], outcomes
+        assert generations == list(range(generations[0], generations[0] + 6))
+        totals = proxy.stats()["totals"]["worker"]
+        assert totals.get("malformed_srh", 0) == totals.get("no_srh", 0) == 0
+    finally:
+        server.stop()
+        proxy.stop()
+
+
+# -- 9. a stopped pipesd leaves no socket behind that black-holes routed traffic ---------------
+def test_after_stop_routed_connections_from_the_same_client_port_work_at_once(line):
+    from tests.e2e.e2ekit import CLOSE_PORT
+
+    tb, lab = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("tw"), workers=1)
+    ports = [31700 + i for i in range(5)]
+    for port in ports:       # the server closes first: P1 holds the TIME_WAIT toward C
+        sock = lab.connect([identity(tb)], port=CLOSE_PORT, source_port=port)
+        while sock.recv(1024):
+            pass
+        sock.close()
+    assert proxy.stop() == 0
+    for port in ports:       # now plain routing through P1, same client ports
+        started = time.monotonic()
+        sock = lab.connect([], port=CLOSE_PORT, source_port=port, timeout=3)
+        assert sock.recv(64), "no greeting"
+        sock.close()
+        assert time.monotonic() - started < 1.0
+    assert "retired 5 TIME_WAIT sockets" in proxy.log()

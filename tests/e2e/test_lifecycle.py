@@ -255,22 +255,37 @@ def test_table_miss_falls_back_to_saved_syn(line):
         proxy.stop()
 
 
-def test_syn_cookie_connections_are_reset_and_visible(line):
-    """Documented answer: a connection the kernel answers with a SYN cookie cannot be
-    intercepted (only the SYN is TPROXY'd; the cookie's ACK finds no listener), so the
-    kernel resets it at once. `pipesctl stats` shows the kernel's cookie counters, and the
-    proxy serves normally once the SYN queue is no longer overflowing."""
+def test_syn_cookie_connections_are_intercepted(line):
+    """Every SYN answered with a cookie (tcp_syncookies=2): the BPF program hands the first
+    ACK to the listener, which validates the cookie; the SRH is the one the capture recorded
+    from the SYN, so the connection is proxied with the client's address kept. With
+    --syn-cookies reset the kernel resets it, as it always did."""
     tb, lab = line
     p1 = tb.hosts["p1"]
     proxy = Pipesd(p1, tb.locator("p1"), name_for("cookie"))
     try:
+        assert proxy.stats()["kernel"]["cookie_interception"] == "on"
         p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])   # cookies for every SYN
+        for _ in range(20):
+            payload = os.urandom(5000)
+            peer, echoed, local = lab.echo_roundtrip([identity_address(tb)], payload)
+            assert echoed == payload and peer == local
+        stats = proxy.stats()
+        assert stats["kernel"]["syncookies_sent"] >= 20
+        assert stats["kernel"]["syncookies_recv"] >= 20
+        assert stats["kernel"]["syncookies_failed"] == 0
+        assert stats["totals"]["worker"]["table_hits"] >= 20
+    finally:
+        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"])
+        proxy.stop()
+    assert "srv6pipes" not in p1.run("tc filter show dev to-c ingress").stdout
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("nocookie"), extra=("--syn-cookies", "reset"))
+    try:
+        assert proxy.stats()["kernel"]["cookie_interception"].startswith("off")
+        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
         outcome = connection_outcome(lambda: lab.client_socket([identity_address(tb)]),
                                      (str(lab.s.addr), ECHO_PORT))
         assert outcome == "reset"
-        assert proxy.stats()["kernel"]["syncookies_sent"] >= 1
-        p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"])
-        assert roundtrip_ok(lab, tb)
     finally:
         p1.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"])
         proxy.stop()
