@@ -15,6 +15,7 @@ lossy links (Fig. 7, 8) come from lab/linkemu.py (netem, or the delayline on ker
 without it). See bench/README.md ("The paper's figures") for the method.
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -33,7 +34,7 @@ from lab.linkemu import (BACKENDS, LinkCondition, LinkEmulationError, LinkEmulat
                          accuracy)
 from lab.modes import ModeUnavailable  # noqa: E402
 from lab.pinning import PINNINGS, Pinning, pinning_note  # noqa: E402
-from lab.probe import send_probes, summarize as summarize_probes  # noqa: E402
+from lab.probe import send_probes, summarize as summarize_probes, within_spec  # noqa: E402
 from lab.runplan import run_in_workdir  # noqa: E402
 from lab.servers import HTTP_PORT  # noqa: E402
 from run_functions import host_description, rotated  # noqa: E402
@@ -61,6 +62,7 @@ class Plan:
     mtu: int
     pinning: Pinning
     backend: str
+    congestion_control: str
     repetitions: int
     lossy_repetitions: int
     seconds: int
@@ -72,6 +74,8 @@ class Plan:
     docs_dir: str
     workdir: str
     quick: bool
+    tag: str = ""            # appended to the figures' file names (a variant run)
+    replot: bool = False     # only draw the PNGs again from the JSON
 
 
 # ---------------------------------------------------------------- one figure
@@ -91,7 +95,7 @@ def run_figure(plan, figure):
         "started": started.isoformat(timespec="seconds"), "host": host_description(),
         "command": " ".join(["python", "bench/run_paper.py", *sys.argv[1:]]),
         "testbed": "srv6pipes.lab.testbed line, fresh for every case run",
-        "settings": {"repetitions": reps, "seconds": seconds, "mtu": plan.mtu,
+        "settings": {"tag": plan.tag, "repetitions": reps, "seconds": seconds, "mtu": plan.mtu,
                      "pinning": plan.pinning.as_dict(),
                      "wrk": f"-t 2 -c {plan.figplan.lossy_connections if lossy else plan.figplan.connections}",
                      "workers": plan.figplan.workers, "sizes": list(plan.figplan.sizes),
@@ -134,7 +138,7 @@ def run_figure(plan, figure):
                     lab = Lab(tb, plan.pinning, os.path.join(plan.workdir,
                                                              f"{fig}-run{rep + 1}-{case.name}"))
                     prepare_endpoints(lab)
-                    no_metrics_cache(tb)
+                    results["settings"]["tcp"] = tcp_settings(tb, plan.congestion_control)
                     lab.servers.start()
                     run_case(plan, lab, case, rep, seconds, cells, results, state, lossy)
     finally:
@@ -146,12 +150,19 @@ def run_figure(plan, figure):
     return 1 if results["unavailable"] else 0
 
 
-def no_metrics_cache(tb):
-    """Every connection starts from scratch: without this, the kernel caches a
-    destination's ssthresh and RTT from earlier connections (the check's, the previous
-    file size's) and later ones start from them."""
+def tcp_settings(tb, congestion_control):
+    """The same TCP in every host: ``congestion_control`` (new namespaces inherit the
+    machine's default, bbr on this VM; the paper's 4.14 kernels ran cubic, Linux's
+    default), and no metrics cache (otherwise the kernel keeps a destination's ssthresh
+    and RTT from earlier connections, the check's or the previous file size's, and later
+    ones start from them). Returns the TCP sysctls now in force (from c)."""
     for host in tb.hosts.values():
-        host.run(["sysctl", "-qw", "net.ipv4.tcp_no_metrics_save=1"])
+        host.run(["sysctl", "-qw", "net.ipv4.tcp_no_metrics_save=1",
+                  f"net.ipv4.tcp_congestion_control={congestion_control}"])
+    names = ("tcp_congestion_control", "tcp_rmem", "tcp_wmem", "tcp_slow_start_after_idle",
+             "tcp_no_metrics_save", "tcp_sack", "tcp_recovery", "tcp_early_retrans")
+    res = tb.hosts["c"].run(["sysctl", *[f"net.ipv4.{n}" for n in names]], check=False)
+    return dict(line.split(" = ", 1) for line in res.stdout.splitlines() if " = " in line)
 
 
 def emulator_cpus(tb, pinning):
@@ -259,8 +270,10 @@ def finish(plan, results, cells):
         results["notes"].append(f"{name} unavailable: {reason}")
     os.makedirs(plan.data_dir, exist_ok=True)
     os.makedirs(plan.docs_dir, exist_ok=True)
-    base = os.path.join(plan.data_dir, fig)
-    png = paperplots.PLOTS[fig](results, os.path.join(plan.docs_dir, PNG_NAMES[fig]))
+    suffix = f"-{plan.tag}" if plan.tag else ""
+    base = os.path.join(plan.data_dir, fig + suffix)
+    png_name = PNG_NAMES[fig].replace(".png", suffix + ".png")
+    png = paperplots.PLOTS[fig](results, os.path.join(plan.docs_dir, png_name))
     if png is None:
         results["notes"].append("no plot: matplotlib is missing (pip install -r "
                                 "requirements.txt)")
@@ -377,24 +390,6 @@ def run_emulator_calibration(plan):
     return 0
 
 
-def within_spec(row):
-    """The issue's accuracy bar for one probe run: median delay within 1 ms, nothing
-    reordered, and loss within 10% of the setting (none when none is set). A few thousand
-    probes cannot resolve 10% of a 1% loss rate (the binomial's own spread is about that),
-    so a run passes when its loss is within 10% or within 3 standard deviations of the
-    setting; the pooled rate over all runs of a setting is reported beside it."""
-    if row["delay_ms"] is None or row["reordered"]:
-        return False
-    if abs(row["delay_ms"] - row["delay_ms_set"]) > 1.0:
-        return False
-    p, n = row["loss_pct_set"] / 100, row["sent"]
-    if not p:
-        return row["loss_pct"] == 0
-    sigma = (p * (1 - p) / n) ** 0.5 * 100
-    return abs(row["loss_pct"] - row["loss_pct_set"]) <= max(0.1 * row["loss_pct_set"],
-                                                             3 * sigma)
-
-
 def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
@@ -425,16 +420,62 @@ def run_kernels(plan):
 
 # ---------------------------------------------------------------- command line
 
+ALLOWED_CC = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+
+
+@contextlib.contextmanager
+def congestion_control_allowed(name):
+    """Let the lab's namespaces choose ``name``: outside the initial namespace only the
+    algorithms of net.ipv4.tcp_allowed_congestion_control (a machine-wide list) may be
+    set, and this VM allows reno and bbr only. Adds ``name`` for the run and puts the
+    list back afterwards."""
+    with open(ALLOWED_CC) as f:
+        before = f.read().split()
+    if name in before:
+        yield
+        return
+    print(f"note: adding {name} to {ALLOWED_CC} for this run (was: {' '.join(before)})",
+          flush=True)
+    with open(ALLOWED_CC, "w") as f:
+        f.write(" ".join(before + [name]))
+    try:
+        yield
+    finally:
+        with open(ALLOWED_CC, "w") as f:
+            f.write(" ".join(before))
+
+
+def replot(plan):
+    """Draw the PNGs again from the JSON files in the data folder (no measurement)."""
+    for what in plan.figures:
+        if what in EXTRAS:
+            continue
+        fig = f"fig{what}"
+        suffix = f"-{plan.tag}" if plan.tag else ""
+        path = os.path.join(plan.data_dir, fig + suffix + ".json")
+        if not os.path.exists(path):
+            print(f"{fig}: no {path}, skipped")
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        png = os.path.join(plan.docs_dir, PNG_NAMES[fig].replace(".png", suffix + ".png"))
+        print(f"{fig}: {paperplots.PLOTS[fig](results, png) or 'no plot (matplotlib?)'}")
+    return 0
+
+
 def run(plan):
+    if plan.replot:
+        return replot(plan)
     status = 0
     t0 = time.monotonic()
-    for what in plan.figures:
-        if what == "emulator":
-            status |= run_emulator_calibration(plan)
-        elif what == "kernels":
-            status |= run_kernels(plan)
-        else:
-            status |= run_figure(plan, what)
+    with congestion_control_allowed(plan.congestion_control):
+        for what in plan.figures:
+            if what == "emulator":
+                status |= run_emulator_calibration(plan)
+            elif what == "kernels":
+                status |= run_kernels(plan)
+            else:
+                status |= run_figure(plan, what)
     print(f"all done in {(time.monotonic() - t0) / 60:.1f} min: data in {plan.data_dir}, "
           f"plots in {plan.docs_dir}", flush=True)
     return status
@@ -471,13 +512,15 @@ def make_plan(args, workdir):
     out_docs = args.docs_dir or (QUICK_DIR if quick else DOCS_DIR)
     return Plan(figures=args.figure, figplan=figplan, mtu=args.mtu,
                 pinning=PINNINGS[args.pinning], backend=args.backend,
+                congestion_control=args.congestion_control,
                 repetitions=1 if quick else args.repetitions,
                 lossy_repetitions=1 if quick else args.lossy_repetitions,
                 seconds=2 if quick else args.seconds,
                 lossy_seconds=4 if quick else args.lossy_seconds,
                 retries=0 if quick else 1, patience=10.0,
                 extra_budget=10.0 if quick else 60.0,
-                data_dir=out_data, docs_dir=out_docs, workdir=workdir, quick=quick)
+                data_dir=out_data, docs_dir=out_docs, workdir=workdir, quick=quick,
+                tag=args.tag, replot=args.replot)
 
 
 def main(argv=None):
@@ -493,6 +536,9 @@ def main(argv=None):
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="link emulation: netem, delayline, or auto (netem if the kernel "
                          "has it)")
+    ap.add_argument("--congestion-control", default="cubic",
+                    help="TCP congestion control in every host (default cubic: Linux's "
+                         "default and the paper's; this VM's own default is bbr)")
     ap.add_argument("--repetitions", type=int, default=3,
                     help="runs per point for Fig. 6, 9, 11 (default 3)")
     ap.add_argument("--lossy-repetitions", type=int, default=3,
@@ -512,12 +558,17 @@ def main(argv=None):
     ap.add_argument("--mtu", type=int, default=9000, help="link MTU (default 9000, the paper's)")
     ap.add_argument("--data-dir", help="where the JSON/CSV go (default bench/paper-data)")
     ap.add_argument("--docs-dir", help="where the PNGs go (default docs)")
+    ap.add_argument("--tag", default="",
+                    help="a variant's name, appended to the files written (fig7-TAG.json, "
+                         "fig7-lossy-links-TAG.png)")
+    ap.add_argument("--replot", action="store_true",
+                    help="measure nothing: draw the PNGs again from the data folder's JSON")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
     args = ap.parse_args(argv)
     if min(args.repetitions, args.lossy_repetitions, args.seconds, args.lossy_seconds,
            args.connections, args.lossy_connections, args.workers) < 1:
         ap.error("repetitions, seconds, connections and workers: at least 1")
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not args.replot:
         ap.error("needs root (network namespaces)")
     return run_in_workdir(run, lambda workdir: make_plan(args, workdir),
                           "srv6pipes-paper-", args.keep_workdir)

@@ -26,8 +26,9 @@ def _pyplot():
 
 def _subtitle(results):
     st, host = results["settings"], results["host"]
+    cc = (st.get("tcp") or {}).get("net.ipv4.tcp_congestion_control", "?")
     return (f"{st['repetitions']} run(s) of {st['seconds']} s per point (median, bars: "
-            f"min-max), MTU {st['mtu']}, pinning {st['pinning']['name']}, "
+            f"min-max), {st['wrk']}, MTU {st['mtu']}, TCP {cc}, pinning {st['pinning']['name']}, "
             f"{host['cpus']} vCPUs, Linux {host['kernel'].split('-')[0]}, {results['started'][:10]}")
 
 
@@ -45,6 +46,7 @@ def plot_sizes(ax, cells, panel, kind, unit=1e9, annotate=None, log_y=False):
     ``annotate``: the role whose points get their ratio to the router written above."""
     sizes = []
     modes = []
+    lowest = None
     for c in cells:
         if c["panel"] == panel and c["workload"].endswith("-" + kind) and c["median"]:
             if c["mode"] not in modes:
@@ -74,16 +76,22 @@ def plot_sizes(ax, cells, panel, kind, unit=1e9, annotate=None, log_y=False):
             hi.append(max(values) - med)
         ax.errorbar(xs, meds, yerr=[lo, hi], color=color, marker=marker, capsize=3,
                     label=label)
+        low = min(m - d for m, d in zip(meds, lo))
+        lowest = low if lowest is None else min(lowest, low)
         if annotate == role:
             for (x, c), med in zip(points, meds):
                 if c.get("ratio_to_router") is not None:
                     ax.annotate(f"{c['ratio_to_router']:.2f}x", (x, med),
-                                textcoords="offset points", xytext=(0, 7), ha="center",
-                                fontsize=7, color=color)
+                                textcoords="offset points", xytext=(0, -16), ha="center",
+                                fontsize=7, color=color,
+                                bbox={"boxstyle": "round,pad=0.15", "fc": "white",
+                                      "ec": "none", "alpha": 0.8})
     if sizes:
         _size_axis(ax, sizes)
     if log_y:
         ax.set_yscale("log")
+        if lowest:      # room below the lowest point for its ratio label
+            ax.set_ylim(bottom=lowest / 2.2)
     else:
         ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

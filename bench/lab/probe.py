@@ -55,6 +55,28 @@ def summarize(sent, arrivals, loss_pct_set=None, delay_ms_set=None):
     return out
 
 
+def within_spec(row, delay_tolerance_ms=1.0, loss_tolerance=0.1):
+    """Whether one probe run meets the emulator's accuracy bar: median delay within
+    ``delay_tolerance_ms`` of the setting, nothing reordered, and loss within
+    ``loss_tolerance`` (relative) of the setting, none when none is set.
+
+    ``row``: a :func:`summarize` result with ``delay_ms_set`` and ``loss_pct_set`` added.
+    A few thousand probes cannot resolve 10% of a 1% loss rate (the binomial's own spread
+    is about that), so a run also passes when its loss is within 3 standard deviations of
+    the setting; pool several runs to check the rate more finely.
+    """
+    if row["delay_ms"] is None or row["reordered"]:
+        return False
+    if abs(row["delay_ms"] - row["delay_ms_set"]) > delay_tolerance_ms:
+        return False
+    p, n = row["loss_pct_set"] / 100, row["sent"]
+    if not p:
+        return row["loss_pct"] == 0
+    sigma = (p * (1 - p) / n) ** 0.5 * 100
+    return abs(row["loss_pct"] - row["loss_pct_set"]) <= max(
+        loss_tolerance * row["loss_pct_set"], 3 * sigma)
+
+
 def receive(port, count, linger, ready=None, hard_limit=30.0):
     """Receive probes on ``port`` until ``count`` came, or nothing came for ``linger``
     seconds after the first one, or ``hard_limit`` seconds passed; returns the arrivals
