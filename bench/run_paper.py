@@ -29,7 +29,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab import paperfigs, paperplots, tcpstats  # noqa: E402
-from lab.checks import CheckFailed  # noqa: E402
+from lab.checks import CheckFailed, wait_quiet  # noqa: E402
+from lab.interference import ForeignLoad  # noqa: E402
 from lab.linkemu import (BACKENDS, LinkCondition, LinkEmulationError, LinkEmulator,  # noqa: E402
                          accuracy)
 from lab.modes import ModeUnavailable  # noqa: E402
@@ -323,16 +324,22 @@ def run_emulator_calibration(plan):
           f"{seconds} s each", flush=True)
     with Testbed(proxies=1, mtu=plan.mtu, topology="line") as tb:
         c, s = tb.hosts["c"], tb.hosts["s"]
+        # The probes' receiver is a Python process: what others run meanwhile shows in the
+        # tail of the delays, so every row records it (foreign_cpus, see interference.py).
+        foreign = ForeignLoad([h.ns for h in tb.hosts.values()])
         if not c.ping(s.addr, timeout=2):
             raise SystemExit("calibration testbed: no ping c -> s")
         for cond in conditions:
             for rate in rates:
+                wait_quiet(patience=plan.patience)
                 with LinkEmulator(tb, backend=plan.backend, seed=rate,
                                   cpus={"p1": plan.pinning.middlebox_cpus}) as emu:
                     emu.add("c", "p1", cond, both_ways=False)
                     emu.start()
-                    sent, arrivals, took = send_probes(c, s, rate * seconds, rate, size=1400)
+                    (sent, arrivals, took), others = foreign.measure(
+                        lambda: send_probes(c, s, rate * seconds, rate, size=1400))
                 summary = summarize_probes(sent, arrivals, cond.loss_pct or None, cond.delay_ms)
+                summary.update(others)
                 acc = accuracy(emu.stats)[0]
                 row = {"delay_ms_set": cond.delay_ms, "loss_pct_set": cond.loss_pct,
                        "rate_pps": rate, "sent_pps": round(sent / took),
@@ -346,7 +353,7 @@ def run_emulator_calibration(plan):
                 print(f"   {cond.describe():16s} {rate:6d} pps: delay {fmt(row['delay_ms'])} "
                       f"ms (p99 {fmt(row['delay_p99_ms'])}), loss {fmt(row['loss_pct'])}%, "
                       f"reordered {row['reordered']}, line late max "
-                      f"{row['line']['late_max_us']} us -> "
+                      f"{row['line']['late_max_us']} us, others {row['foreign_cpus']:.2f} CPU -> "
                       f"{'ok' if row['within_spec'] else 'OUT OF SPEC'}", flush=True)
     ceiling = {}
     for cond in conditions:
@@ -383,7 +390,8 @@ def run_emulator_calibration(plan):
         json.dump(results, f, indent=1)
         f.write("\n")
     columns = ("delay_ms_set", "loss_pct_set", "rate_pps", "sent_pps", "received", "loss_pct",
-               "reordered", "delay_ms", "delay_p99_ms", "delay_max_ms", "within_spec")
+               "reordered", "delay_ms", "delay_p99_ms", "delay_max_ms", "foreign_cpus",
+               "within_spec")
     write_rows(base + ".csv", columns, rows)
     print(f"emulator ceiling (pps, 1400-byte packets): {ceiling}; pooled loss: {pooled}\n"
           f"emulator: {base}.json, {base}.csv", flush=True)
