@@ -31,7 +31,7 @@ test: build
 bench: build
 	$(PYTHON) bench/run_lab.py
 
-# The paper's Fig. 6, 7, 8, 9, 11 (about 50 minutes): PNGs into docs/, raw data into
+# The paper's Fig. 6, 7, 8, 9, 11 (about 40 minutes): PNGs into docs/, raw data into
 # bench/paper-data/. One figure: $(PYTHON) bench/run_paper.py --figure 7
 figures: build
 	$(PYTHON) bench/run_paper.py

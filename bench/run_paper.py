@@ -4,7 +4,7 @@ docs/, the raw data of each figure in bench/paper-data/.
 
     python bench/run_paper.py                  # every figure, then the emulator's
                                                # calibration and the function kernels
-    python bench/run_paper.py --figure 7       # one figure (the full run is ~45 minutes:
+    python bench/run_paper.py --figure 7       # one figure (the full run is ~40 minutes:
                                                # run it figure by figure under the lock)
     python bench/run_paper.py --quick          # a smoke run of every figure, < 5 minutes,
                                                # written to bench/results/paper-quick/

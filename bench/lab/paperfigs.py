@@ -9,7 +9,7 @@ panel and workload: ``ratio_to_router`` against the cell whose role is ``router`
 ``ratio_to_identity`` against ``identity`` (pipesd with the identity function).
 """
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .linkemu import LinkCondition, path_condition
@@ -67,7 +67,6 @@ class FigurePlan:
     # its ceiling (see bench/README.md); what a proxy changes is per connection anyway.
     lossy_connections: int = 10
     lossy_timeout: int = 120            # wrk --timeout on long lossy paths (s)
-    extra: dict = field(default_factory=dict)
 
 
 def wrk(size, keepalive, plan, timeout=5, connections=None):

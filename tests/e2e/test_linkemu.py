@@ -6,7 +6,6 @@ machine's monotonic clock, so one-way delay is measured directly. Bounded: every
 is at most a few thousand packets at a fixed rate; every delayline is stopped and every
 namespace removed by the fixtures, also on failure.
 """
-import os
 import subprocess
 import threading
 
