@@ -367,14 +367,7 @@ def run_emulator_calibration(plan):
                 break
             good.append(rate)
         ceiling[cond.describe()] = max(good) if good else None
-    pooled = {}
-    for cond in conditions:
-        mine = [r for r in rows if r["delay_ms_set"] == cond.delay_ms
-                and r["loss_pct_set"] == cond.loss_pct]
-        sent = sum(r["sent"] for r in mine)
-        got = sum(r["received"] for r in mine)
-        pooled[cond.describe()] = {"probes": sent,
-                                   "loss_pct": round(100.0 * (sent - got) / sent, 3)}
+    pooled = pool_loss(rows, ceiling)
     results = {"what": "link emulator calibration (bench/lab/linkemu.py, bench/lab/probe.py)",
                "started": started.isoformat(timespec="seconds"), "host": host_description(),
                "settings": {"testbed": "c - p1 - s, p1 a router, emulation on c -> p1 only",
@@ -396,6 +389,28 @@ def run_emulator_calibration(plan):
     print(f"emulator ceiling (pps, 1400-byte packets): {ceiling}; pooled loss: {pooled}\n"
           f"emulator: {base}.json, {base}.csv", flush=True)
     return 0
+
+
+def pool_loss(rows, ceiling):
+    """Loss per setting over all of its calibration runs: as the delay line counted it
+    (``line_loss_pct``: its own drops over what it received, at every rate), and as the
+    probes saw it end to end at rates up to the ceiling (``probe_loss_pct``; above it the
+    probes' receiver falls behind and loses packets of its own)."""
+    out = {}
+    for row in rows:
+        key = LinkCondition(row["delay_ms_set"], row["loss_pct_set"]).describe()
+        acc = out.setdefault(key, {"line_received": 0, "line_dropped": 0, "probes": 0,
+                                   "probes_received": 0})
+        acc["line_received"] += row["line"]["received"] or 0
+        acc["line_dropped"] += row["line"]["dropped"] or 0
+        if ceiling.get(key) and row["rate_pps"] <= ceiling[key]:
+            acc["probes"] += row["sent"]
+            acc["probes_received"] += row["received"]
+    for acc in out.values():
+        acc["line_loss_pct"] = round(100.0 * acc["line_dropped"] / max(1, acc["line_received"]), 3)
+        acc["probe_loss_pct"] = (round(100.0 * (acc["probes"] - acc["probes_received"])
+                                       / acc["probes"], 3) if acc["probes"] else None)
+    return out
 
 
 def fmt(value):
