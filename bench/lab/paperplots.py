@@ -128,7 +128,9 @@ def plot_lossy(results, path, title):
     if plt is None or not results["cells"]:
         return None
     panels = [p for p in (ONE_PROXY, CHAIN) if any(c["panel"] == p for c in results["cells"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.3), squeeze=False)
+    # At least 9.5 inches: the two-line title must fit over a single panel too.
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9.5, 5.6 * len(panels)), 4.3),
+                             squeeze=False)
     links = results["settings"].get("links", {})
     for ax, panel in zip(axes[0], panels):
         plot_sizes(ax, results["cells"], panel, "keepalive", unit=1e6, annotate="identity",
