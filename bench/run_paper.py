@@ -437,8 +437,23 @@ def run_kernels(plan):
     if plan.quick:
         cmd += ["--benchmark-max-time=0.2", "--benchmark-min-rounds=3"]
     res = subprocess.run(cmd, cwd=REPO, timeout=900)
+    if os.path.exists(out):
+        drop_timings(out)
     print(f"kernels: {out}", flush=True)
     return res.returncode
+
+
+def drop_timings(path):
+    """Remove pytest-benchmark's per-round timings (``stats.data``) from its JSON: they
+    make the file ~15 MB; the summary statistics (min, max, mean, median, quartiles,
+    rounds) stay."""
+    with open(path) as f:
+        report = json.load(f)
+    for bench in report.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
 
 
 # ---------------------------------------------------------------- command line
