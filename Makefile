@@ -10,7 +10,7 @@ APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
 	curl lighttpd wrk iperf3 haproxy
 STAMP = .deps-installed
 
-.PHONY: deps build demo test bench clean
+.PHONY: deps build demo test bench figures clean
 
 $(STAMP): Makefile requirements.txt
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -32,5 +32,10 @@ test: build
 bench: build
 	$(PYTHON) bench/run_lab.py
 
+# The paper's Fig. 6, 7, 8, 9, 11 (about 40 minutes): PNGs into docs/, raw data into
+# bench/paper-data/. One figure: $(PYTHON) bench/run_paper.py --figure 7
+figures: build
+	$(PYTHON) bench/run_paper.py
+
 clean:
-	rm -rf build *.egg-info cext/*.c pipes/*.so pipes/modules/*.so $(STAMP)
+	rm -rf build *.egg-info cext/*.c pipes/*.so pipes/modules/*.so bench/linkemu/build $(STAMP)

@@ -8,6 +8,11 @@ workloads.py    iperf3, blast and wrk runs from c, parsed into samples
 blast.py        payload-agnostic bulk TCP sender and sink (for byte-changing functions)
 interference.py what the rest of the machine did during a sample
 report.py       medians, ratios to the router, JSON + markdown
-runplan.py      --quick timing and the run's workdir (run_lab.py, run_functions.py)
+runplan.py      --quick timing and the run's workdir (run_lab.py, run_functions.py, run_paper.py)
 perfrun.py      perf record of pipesd's workers under load (bench/perf_profile.sh)
+paperfigs.py    the paper's figures as data, their ratios and CSV (bench/run_paper.py)
+paperplots.py   their plots
+linkemu.py      long and lossy links: netem, or the delayline (bench/linkemu/delayline.c)
+probe.py        UDP probes measuring one-way delay, loss and order (emulator calibration)
+tcpstats.py     TCP counters and ss per leg during a load run
 """

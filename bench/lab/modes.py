@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 from srv6pipes.addressplan import AddressError, AddressPlan
@@ -22,6 +23,19 @@ from .servers import BLAST_PORT, HTTP_PORT, IPERF_PORT
 
 class ModeUnavailable(RuntimeError):
     """The mode cannot run on this machine (missing program, broken install)."""
+
+
+def program(name):
+    """The path of SRv6Pipes' command ``name`` (pipesd, pipesctl): the one installed with
+    the Python running the benchmark (its environment's bin/), else the first on PATH.
+
+    A benchmark run with /path/to/venv/bin/python must measure that venv's pipesd, not
+    whichever other install PATH happens to find first.
+    """
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which(name)
 
 
 def steer(lab, segments):
@@ -226,9 +240,10 @@ class Pipesd(Mode):
     def available():
         """Raise ModeUnavailable with the reason when pipesd cannot be started."""
         for prog in ("pipesd", "pipesctl"):
-            if not shutil.which(prog):
-                raise ModeUnavailable(f"{prog} is not on PATH (pip install -e /work/main)")
-            res = subprocess.run([prog, "--help"], capture_output=True, text=True, timeout=30)
+            path = program(prog)
+            if not path:
+                raise ModeUnavailable(f"{prog} is not installed (pip install -e .)")
+            res = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
             if res.returncode != 0:
                 last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
                 raise ModeUnavailable(f"`{prog} --help` fails: {last[0]}")
@@ -263,7 +278,7 @@ class Pipesd(Mode):
         # pipesd pins worker i to the i-th CPU of its affinity: under taskset -c 1 (split
         # pinning) both workers share CPU 1, unpinned they take one core each.
         cmd = [*lab.pinning.taskset(lab.pinning.middlebox_cpus),
-               "pipesd", "--workers", str(self.workers),
+               program("pipesd"), "--workers", str(self.workers),
                "--locator", str(lab.tb.locator(self.host)),
                "--port", "7000", "--name", self.daemon_name, "--control", self.control]
         self.proc = host.popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
@@ -288,7 +303,8 @@ class Pipesd(Mode):
 
     def stats(self, lab):
         """pipesctl stats as a dict, or None when the daemon does not answer."""
-        res = lab.tb.hosts[self.host].run(["pipesctl", "--control", self.control, "stats"],
+        res = lab.tb.hosts[self.host].run([program("pipesctl"), "--control", self.control,
+                                           "stats"],
                                           check=False, timeout=10)
         if res.returncode != 0:
             return None

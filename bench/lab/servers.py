@@ -14,7 +14,9 @@ HTTP_PORT = 80
 IPERF_PORT = 5201
 BLAST_PORT = 5202
 BLAST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blast.py")
-FILES = {"1KB": 1024, "100KB": 100 * 1024, "10MB": 10 * 1024 * 1024}
+# The paper's Fig. 6-8 file sizes (run_lab.py uses three of them).
+FILES = {"1KB": 1024, "10KB": 10 * 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024,
+         "10MB": 10 * 1024 * 1024}
 
 class Servers:
     def __init__(self, tb, workdir, pinning):

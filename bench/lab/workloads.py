@@ -64,10 +64,17 @@ def run_iperf3(lab, duration, streams):
     res = c.run([*pin, "iperf3", "-c", str(s.addr), "-p", str(IPERF_PORT), "-t", str(duration),
                  "-P", str(streams), "-J", "--connect-timeout", "3000"],
                 check=False, timeout=duration + 20)
+    return parse_iperf3(res.stdout, res.stderr)
+
+
+def parse_iperf3(stdout, stderr=""):
+    """One sample from ``iperf3 -J`` output: the receiver's rate (bytes that made it
+    through the middlebox), the sender's, retransmits and both ends' CPU. Raises
+    WorkloadError on iperf3's own error or unreadable output."""
     try:
-        report = json.loads(res.stdout)
+        report = json.loads(stdout)
     except json.JSONDecodeError:
-        report = {"error": (res.stderr or res.stdout)[-500:]}
+        report = {"error": (stderr or stdout)[-500:]}
     if "error" in report:
         raise WorkloadError(f"iperf3 failed: {report['error']}")
     end = report["end"]
@@ -89,20 +96,28 @@ def run_blast(lab, duration, streams):
     pin = lab.pinning.taskset(lab.pinning.client_cpus)
     res = c.run([*pin, sys.executable, BLAST, "send", str(s.addr), str(BLAST_PORT),
                  str(duration), str(streams)], check=False, timeout=duration + 40)
+    return parse_blast(res.returncode, res.stdout, res.stderr)
+
+
+def parse_blast(returncode, stdout, stderr=""):
+    """One sample from ``blast.py send``: its last line of JSON. Raises WorkloadError when
+    it printed none or a stream failed."""
     try:
-        report = json.loads(res.stdout.strip().splitlines()[-1])
+        report = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise WorkloadError(f"blast failed (rc {res.returncode}): {res.stderr.strip()[-500:]}")
+        raise WorkloadError(f"blast failed (rc {returncode}): {stderr.strip()[-500:]}")
     if report["errors"]:
         raise WorkloadError(f"blast failed: {report['errors'][:3]}")
     return {"bits_per_second": report["bits_per_second"], "bytes": report["bytes"]}
 
 
-def run_wrk(lab, duration, file, keepalive, threads=2, connections=50):
+def run_wrk(lab, duration, file, keepalive, threads=2, connections=50, timeout=5):
     """wrk from c: ``threads`` threads, ``connections`` connections, fetching ``file``.
 
     ``keepalive=False`` adds ``Connection: close``: one TCP connection per request, so the
     middlebox's per-connection work (two handshakes for a proxy) dominates small files.
+    ``timeout`` (s): wrk counts a request older than this as a timeout error (it does not
+    abort it); long lossy paths need more than the default.
     """
     c = lab.tb.hosts["c"]
     script = os.path.join(lab.workdir, "summary.lua")
@@ -112,13 +127,25 @@ def run_wrk(lab, duration, file, keepalive, threads=2, connections=50):
     pin = lab.pinning.taskset(lab.pinning.client_cpus)
     header = [] if keepalive else ["-H", "Connection: close"]
     res = c.run([*pin, "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
-                 "--timeout", "5s", *header, "-s", script, lab.servers.url(file)],
+                 "--timeout", f"{timeout}s", *header, "-s", script, lab.servers.url(file)],
                 check=False, timeout=duration + 30)
-    line = next((l for l in res.stdout.splitlines() if l.startswith("WRKJSON ")), None)
-    if res.returncode != 0 or line is None:
-        raise WorkloadError(f"wrk failed (rc {res.returncode}): {(res.stderr or res.stdout)[-500:]}")
+    return parse_wrk(res.returncode, res.stdout, res.stderr)
+
+
+def parse_wrk(returncode, stdout, stderr=""):
+    """One sample from a wrk run: the ``WRKJSON`` line our done() hook prints.
+
+    wrk counts every byte it reads (headers and partial bodies included), so
+    ``bits_per_second`` is what crossed the path even when large files do not complete.
+    Raises WorkloadError when wrk failed or printed no totals.
+    """
+    line = next((l for l in stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    if returncode != 0 or line is None:
+        raise WorkloadError(f"wrk failed (rc {returncode}): {(stderr or stdout)[-500:]}")
     raw = json.loads(line.split(" ", 1)[1])
     seconds = raw["duration_us"] / 1e6
+    if seconds <= 0:
+        raise WorkloadError(f"wrk reported a duration of {raw['duration_us']} us")
     errors = {k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]}
     return {
         "bits_per_second": raw["bytes"] * 8 / seconds,
