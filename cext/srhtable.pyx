@@ -149,6 +149,8 @@ COUNTERS = (
     "errors",        # capture: unexpected exceptions while handling a packet (accepted)
     "queue_drops",   # capture: the kernel could not deliver queued packets (ENOBUFS): SYNs lost
     "time_wait_retired",  # capture: a proxy-side TIME_WAIT socket blocked the SYN's tuple
+    "hmac_refused",  # capture: SRH HMAC missing (--require-hmac), unknown or wrong: dropped
+    "stacked",       # capture: a binding's SRH stacked over the client's, flattened
 )
 COUNTER_INDEX = {counter: index for index, counter in enumerate(COUNTERS)}
 assert len(COUNTERS) <= SRHT_NCOUNTERS

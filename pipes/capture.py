@@ -12,7 +12,9 @@ malformed one goes on and the worker decides (it resets it).
 Counters live in the SRH table header (``_srhtable.COUNTERS``), so the master and
 ``pipesctl`` read them from any mapping of the table. Per packet read from the queue,
 ``syn_seen`` grows by one and so does exactly one of ``inserts``, ``rejected`` (SRH
-larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn`` and ``errors``.
+larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn``, ``hmac_refused``
+(dropped: ``--require-hmac`` and no valid HMAC, or a wrong one) and ``errors``. ``stacked``
+also counts the SYNs whose binding SRH was flattened into the client's (srhstack.py).
 
 Process shape: the master forks and calls :func:`run_capture_process` (table created by
 the master) or :func:`capture_main` (the capture process creates the table). Both name
@@ -36,6 +38,8 @@ from typing import Callable, Optional
 from . import _srhtable
 from .ratelimit import RateLimitedLogger
 from .srh import SRHError, find_srh
+from .srhhmac import HmacKeyring, HmacRefused
+from .srhstack import syn_route
 from .timewait import TimeWaitReaper
 
 log = logging.getLogger("srv6pipes.capture")
@@ -69,8 +73,13 @@ class SynCapture:
     """
 
     def __init__(self, table, queue_num: int, logger: Optional[logging.Logger] = None,
-                 queue_maxlen: int = QUEUE_MAXLEN, return_routes=None):
+                 queue_maxlen: int = QUEUE_MAXLEN, return_routes=None,
+                 hmac_keyring=None, require_hmac: bool = False):
         self.table = table
+        # SRH HMAC (srhhmac.py): an HmacKeyring checks HMACs present; require_hmac also
+        # drops SYNs without one. Such SYNs take the Python path (srhstack.syn_route).
+        self.hmac_keyring = hmac_keyring
+        self.require_hmac = require_hmac
         # Off-path proxies: a returnpath.ReturnRoutes that marks each SYN with its return
         # path (see returnpath.py); None on-path.
         self.return_routes = return_routes
@@ -91,7 +100,7 @@ class SynCapture:
         return routes, calls set_mark(mark) so the connection's replies take its return path.
         """
         table = self.table
-        if self.return_routes is None and type(payload) is bytes:
+        if self.return_routes is None and not self.require_hmac and type(payload) is bytes:
             # The common SYN, parsed and inserted in C (cext/synparse.h); None means
             # "anything else", left to the Python parser below with nothing counted yet.
             flow = table.record_syn(payload)
@@ -110,11 +119,19 @@ class SynCapture:
             if flags_at >= len(payload) or payload[flags_at] & (TCP_SYN | TCP_ACK) != TCP_SYN:
                 return self._count("not_syn", "TCP packet from [%s]:%s is not a SYN",
                                    info.src, info.sport)
-            srh = info.srh
-            if srh is None:
+            if info.srh is None:
                 return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
                                    info.src, info.sport, info.dst, info.dport,
                                    level=logging.DEBUG)
+            try:
+                # A binding's stacked SRHs become one; HMAC checked (srhstack.py).
+                route = syn_route(info, self.hmac_keyring, self.require_hmac)
+            except HmacRefused as exc:
+                return self._count("hmac_refused", "SYN from [%s]:%s dropped: %s (%s)",
+                                   info.src, info.sport, exc, exc.reason)
+            if route.stacked:
+                table.count("stacked")
+            srh = route.srh
             client = info.src.packed
             destination = srh.final_destination.packed
             self._retire_time_wait(client, info.sport, destination, info.dport)
@@ -123,8 +140,8 @@ class SynCapture:
                 if mark:
                     set_mark(mark)
             # Key as the worker sees it after accept(): peer = client, local = final dest.
-            if table.insert(client, info.sport, destination, info.dport, srh.segments_left,
-                            info.srh_wire):
+            if table.insert(client, info.sport, destination, info.dport, route.segments_left,
+                            route.wire):
                 return "inserts"
             self.rlog.warning("rejected", "SYN from [%s]:%s: SRH of %d bytes is larger than "
                               "the table's %d-byte slots; the worker will reset it", info.src,
@@ -155,14 +172,18 @@ class SynCapture:
 
     def _on_packet(self, packet) -> None:
         """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
-        the packet its verdict), and always accepts."""
+        the packet its verdict). Accepts, except SYNs whose HMAC was refused."""
+        result = None
         try:
-            self.handle_payload(packet.get_payload(), packet.set_mark)
+            result = self.handle_payload(packet.get_payload(), packet.set_mark)
         except Exception as exc:  # noqa: BLE001
             self.rlog.error("callback", "SYN capture callback failed: %r", exc)
         finally:
             try:
-                packet.accept()
+                if result == "hmac_refused":
+                    packet.drop()
+                else:
+                    packet.accept()
             except Exception as exc:  # noqa: BLE001 - verdict already given / queue gone
                 self.rlog.error("verdict", "accepting a queued SYN failed: %r", exc)
 
@@ -300,9 +321,12 @@ def run_capture(name: str, queue_num: int, table, logger: Optional[logging.Logge
 
 
 # -- the process -----------------------------------------------------------------------
-def run_capture_process(name: str, queue_num: int, table, return_routes=None) -> None:
-    """Post-fork entry point used by the master (which created `table`). Never returns."""
-    code = _process_body(name, queue_num, lambda: table, return_routes)
+def run_capture_process(name: str, queue_num: int, table, return_routes=None,
+                        hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> None:
+    """Post-fork entry point used by the master (which created `table`). Never returns.
+    hmac_keyring is the path of the SRH HMAC key file (read here, at every start)."""
+    code = _process_body(name, queue_num, lambda: table, return_routes, hmac_keyring,
+                         require_hmac)
     _exit(code)
 
 
@@ -315,7 +339,8 @@ def capture_main(name: str, queue_num: int, nslots: int = _srhtable.DEFAULT_SLOT
                          lambda: _srhtable.SrhTable.create(name, nslots, ttl_ms))
 
 
-def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None) -> int:
+def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None,
+                  hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> int:
     parent = os.getppid()
     stop = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -331,7 +356,9 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
         signal.set_wakeup_fd(wake_w)
         table = open_table()
         table.prefault()  # no page faults on the per-SYN path (see SrhTable.prefault)
-        capture = SynCapture(table, queue_num, log, return_routes=return_routes)
+        keyring = HmacKeyring.load(hmac_keyring) if hmac_keyring else None
+        capture = SynCapture(table, queue_num, log, return_routes=return_routes,
+                             hmac_keyring=keyring, require_hmac=require_hmac)
         capture.bind()
         _drop_capabilities()
     except Exception as exc:  # noqa: BLE001 - every boot failure is reported the same way
@@ -352,7 +379,8 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
     counters = table.counters()
     log.info("capture [%s] stopped: %s", name,
              ", ".join(f"{key} {counters[key]}" for key in
-                       ("syn_seen", "inserts", "no_srh", "malformed", "rejected")))
+                       ("syn_seen", "inserts", "no_srh", "malformed", "rejected",
+                        "hmac_refused")))
     return 0
 
 

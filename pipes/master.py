@@ -41,7 +41,8 @@ WORKER_REPLY_TIMEOUT = 5.0 # seconds a worker has to answer a request (it polls 
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
     return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
                                     queue_num=config.queue_num, fwmark=config.fwmark,
-                                    table=config.route_table, rule_priority=config.rule_priority)
+                                    table=config.route_table, rule_priority=config.rule_priority,
+                                    kernel_hmac_off=bool(config.hmac_keyring))
 
 
 @dataclasses.dataclass
@@ -249,8 +250,10 @@ class Master:
             log.error("reload refused: --name and --control cannot change at run time")
             return
         capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
-                            "fwmark", "return_mode")
+                            "fwmark", "return_mode", "hmac_keyring", "require_hmac")
         capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
+        # The HMAC key file may have changed under the same name: the capture re-reads it.
+        capture_changed = capture_changed or bool(new.hmac_keyring)
         if new_kernel != old_kernel or new.return_mode != self.config.return_mode:
             self.remove_kernel_state()
             self.install_kernel_state(new)
@@ -299,7 +302,8 @@ class Master:
                                              self.kernel_installed.rule_priority,
                                              config.return_mode, plan)
         self.fork(child, lambda: run_capture_process(config.name, config.queue_num,
-                                                     self.srh_table, routes))
+                                                     self.srh_table, routes,
+                                                     config.hmac_keyring, config.require_hmac))
 
     def spawn_generation(self) -> None:
         self.generation += 1
