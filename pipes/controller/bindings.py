@@ -48,6 +48,7 @@ class BindingEntry:
     proxies: tuple[str, ...]     # proxy names, one per segment
     expires_at: float
     generation: int              # bumped when its segments change (rerouted)
+    confirmed: bool = False      # its router's agent acknowledged it at least once
 
 
 class BindingTable:

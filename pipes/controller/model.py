@@ -40,7 +40,7 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the section and key."""
 
 
-def _endpoint(value: Any) -> tuple[str, int]:
+def endpoint(value: Any) -> tuple[str, int]:
     """``[addr]:port`` -> (addr, port)."""
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})", str(value))
     if not match or not 1 <= int(match.group(2)) <= 65535:
@@ -60,7 +60,7 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return validate
 
 
-def _name(value: Any) -> str:
+def short_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ValueError(f"must be 1-31 characters a-z, 0-9, '-', got {value!r}")
     return value
@@ -70,10 +70,10 @@ def _endpoints(value: Any) -> tuple[tuple[str, int], ...]:
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ValueError("needs at least one [address]:port")
-    return tuple(_endpoint(item) for item in items)
+    return tuple(endpoint(item) for item in items)
 
 
-def _level(value: Any) -> str:
+def log_level(value: Any) -> str:
     if value not in ("debug", "info", "warning", "error"):
         raise ValueError(f"must be debug, info, warning or error, got {value!r}")
     return value
@@ -90,7 +90,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("name", "controller", _name, "instance name (control socket, logs)"),
+    Setting("name", "controller", short_name, "instance name (control socket, logs)"),
     Setting("dns", None, _endpoints,
             "[address]:port list the DNS front end answers on, UDP and TCP"),
     Setting("control", "", str, "control socket (default /run/srv6pipes/controller-NAME.sock)"),
@@ -108,7 +108,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent_timeout", 3.0, _positive(float), "seconds an agent request may take"),
     Setting("max_queries_per_second", 20000, _positive(int),
             "DNS queries handled per second before more are dropped and counted"),
-    Setting("log_level", "info", _level, "log verbosity"),
+    Setting("log_level", "info", log_level, "log verbosity"),
 )
 
 
@@ -180,7 +180,7 @@ def _section(data: dict, key: str, kind: type) -> Any:
     return value
 
 
-def _field(where: str, table: dict, key: str, validate: Callable[[Any], Any],
+def field_value(where: str, table: dict, key: str, validate: Callable[[Any], Any],
            default: Any = ...) -> Any:
     if key not in table:
         if default is ...:
@@ -198,7 +198,7 @@ def _prefixes(value: Any) -> tuple[ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.IPv6Network(item) for item in value)
 
 
-def _unknown(where: str, table: dict, known: set[str]) -> None:
+def reject_unknown(where: str, table: dict, known: set[str]) -> None:
     extra = set(table) - known
     if extra:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(extra))}")
@@ -206,14 +206,14 @@ def _unknown(where: str, table: dict, known: set[str]) -> None:
 
 def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
     """Validates a parsed TOML document. Raises ConfigError naming what is wrong."""
-    _unknown("configuration", data, {"controller", "services", "proxy", "router", "zone",
+    reject_unknown("configuration", data, {"controller", "services", "proxy", "router", "zone",
                                      "grant"})
     raw = _section(data, "controller", dict)
-    _unknown("[controller]", raw, {s.name for s in SETTINGS})
+    reject_unknown("[controller]", raw, {s.name for s in SETTINGS})
     settings = {}
     for setting in SETTINGS:
         required = setting.default is None
-        settings[setting.name] = _field("[controller]", raw, setting.name, setting.validator,
+        settings[setting.name] = field_value("[controller]", raw, setting.name, setting.validator,
                                         ... if required else setting.default)
     if not settings["control"]:
         settings["control"] = f"/run/srv6pipes/controller-{settings['name']}.sock"
@@ -225,14 +225,14 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
     for name, table in _section(data, "services", dict).items():
         where = f"[services] {name}"
         try:
-            _name(name)
+            short_name(name)
         except ValueError as exc:
             raise ConfigError(f"{where}: the name {exc}") from None
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be {{ function = ID, params = N }}")
-        _unknown(where, table, {"function", "params"})
-        function_id = _field(where, table, "function", _nonnegative)
-        params = _field(where, table, "params", _nonnegative, 0)
+        reject_unknown(where, table, {"function", "params"})
+        function_id = field_value(where, table, "function", _nonnegative)
+        params = field_value(where, table, "params", _nonnegative, 0)
         services[name] = Service(name, function_id, params)
     if not services:
         raise ConfigError("[services]: at least one service is needed")
@@ -240,17 +240,17 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
     proxies = []
     for index, table in enumerate(_section(data, "proxy", list)):
         where = f"[[proxy]] #{index + 1}"
-        _unknown(where, table, {"name", "locator", "function_bits", "param_bits", "services",
+        reject_unknown(where, table, {"name", "locator", "function_bits", "param_bits", "services",
                                 "health", "last_hop"})
-        name = _field(where, table, "name", _name)
+        name = field_value(where, table, "name", short_name)
         where = f"[[proxy]] {name}"
         try:
-            plan = AddressPlan(_field(where, table, "locator", str),
-                               _field(where, table, "function_bits", int, 16),
-                               _field(where, table, "param_bits", int, 32))
+            plan = AddressPlan(field_value(where, table, "locator", str),
+                               field_value(where, table, "function_bits", int, 16),
+                               field_value(where, table, "param_bits", int, 32))
         except AddressError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        offered = _field(where, table, "services", _string_list)
+        offered = field_value(where, table, "services", _string_list)
         for service in offered:
             if service not in services:
                 raise ConfigError(f"{where}: service {service!r} is not in [services]")
@@ -260,33 +260,33 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
                 raise ConfigError(f"{where}: service {service!r} does not fit its address "
                                   f"plan: {exc}") from None
         proxies.append(Proxy(name, plan, frozenset(offered),
-                             _field(where, table, "health", _endpoint),
-                             _field(where, table, "last_hop", _bool, True)))
+                             field_value(where, table, "health", endpoint),
+                             field_value(where, table, "last_hop", _bool, True)))
     _unique("[[proxy]]", [p.name for p in proxies])
     _disjoint("[[proxy]] locators", [(p.name, p.plan.locator) for p in proxies])
 
     routers = []
     for index, table in enumerate(_section(data, "router", list)):
         where = f"[[router]] #{index + 1}"
-        _unknown(where, table, {"name", "clients", "block", "agent", "hmac"})
-        name = _field(where, table, "name", _name)
+        reject_unknown(where, table, {"name", "clients", "block", "agent", "hmac"})
+        name = field_value(where, table, "name", short_name)
         where = f"[[router]] {name}"
-        block = _field(where, table, "block", ipaddress.IPv6Network)
+        block = field_value(where, table, "block", ipaddress.IPv6Network)
         if block.num_addresses < 2:
             raise ConfigError(f"{where}: block {block} holds no binding (its first address "
                               "is never handed out)")
-        routers.append(Router(name, _field(where, table, "clients", _prefixes), block,
-                              _field(where, table, "agent", _endpoint),
-                              _field(where, table, "hmac", _bool, True)))
+        routers.append(Router(name, field_value(where, table, "clients", _prefixes), block,
+                              field_value(where, table, "agent", endpoint),
+                              field_value(where, table, "hmac", _bool, True)))
     _unique("[[router]]", [r.name for r in routers])
     _disjoint("[[router]] client prefixes", [(r.name, c) for r in routers for c in r.clients])
     _disjoint("[[router]] blocks", [(r.name, r.block) for r in routers])
 
     zone = _section(data, "zone", dict)
-    _unknown("[zone]", zone, {"origin", "names", "upstream"})
-    origin = _field("[zone]", zone, "origin", _origin, "")
+    reject_unknown("[zone]", zone, {"origin", "names", "upstream"})
+    origin = field_value("[zone]", zone, "origin", _origin, "")
     names = {}
-    for name, address in _field("[zone]", zone, "names", _table, {}).items():
+    for name, address in field_value("[zone]", zone, "names", _table, {}).items():
         labels = name.split(".")
         if not all(LABEL_RE.match(label) for label in labels) or "_pipes" in labels:
             raise ConfigError(f"[zone] names: {name!r} is not a host name")
@@ -296,16 +296,16 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
             raise ConfigError(f"[zone] names: {name} = {address!r} is not an IPv6 address") from None
     if names and not origin:
         raise ConfigError("[zone]: names need an origin (the zone they are in)")
-    upstream = _field("[zone]", zone, "upstream", _endpoint, None)
+    upstream = field_value("[zone]", zone, "upstream", endpoint, None)
 
     grants = []
     for index, table in enumerate(_section(data, "grant", list)):
         where = f"[[grant]] #{index + 1}"
-        _unknown(where, table, {"name", "clients", "servers", "chains"})
-        name = _field(where, table, "name", _name)
+        reject_unknown(where, table, {"name", "clients", "servers", "chains"})
+        name = field_value(where, table, "name", short_name)
         where = f"[[grant]] {name}"
-        servers = _field(where, table, "servers", _string_list, ["*"])
-        chains = _field(where, table, "chains", _chains)
+        servers = field_value(where, table, "servers", _string_list, ["*"])
+        chains = field_value(where, table, "chains", _chains)
         for chain in chains:
             for service in chain:
                 if service not in services:
@@ -314,7 +314,7 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
         for server in servers:
             if server != "*" and server.lower() not in names:
                 raise ConfigError(f"{where}: server {server!r} is not in [zone] names")
-        grants.append(Grant(name, _field(where, table, "clients", _prefixes),
+        grants.append(Grant(name, field_value(where, table, "clients", _prefixes),
                             None if "*" in servers else frozenset(s.lower() for s in servers),
                             frozenset(chains)))
     return ControllerConfig(settings, services, tuple(proxies), tuple(routers), tuple(grants),
