@@ -50,15 +50,33 @@ class SteeringRoute:
     segments: tuple[ipaddress.IPv6Address, ...]   # travel order, before the destination
     dev: str
     mtu: int
+    src: Optional[ipaddress.IPv6Address] = None   # the source address to keep using
 
     def command(self) -> str:
         segs = ",".join(str(s) for s in self.segments)
+        src = f" src {self.src}" if self.src is not None else ""
         return (f"ip -6 route replace {self.destination}/128 encap seg6 mode inline segs "
-                f"{segs} dev {self.dev} mtu lock {self.mtu}")
+                f"{segs} dev {self.dev}{src} mtu lock {self.mtu}")
 
     def to_json(self) -> dict:
         return {"destination": str(self.destination), "segments": [str(s) for s in self.segments],
-                "dev": self.dev, "mtu": self.mtu, "command": self.command()}
+                "dev": self.dev, "mtu": self.mtu, "src": self.src and str(self.src),
+                "command": self.command()}
+
+
+def current_source(destination: ipaddress.IPv6Address) -> Optional[ipaddress.IPv6Address]:
+    """The source address the host uses toward ``destination`` now (``ip route get``),
+    kept on the steering route: an access router only lets the client's own prefix
+    through, and a route without ``src`` could pick another of the host's addresses."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            found = ipr.route("get", dst=str(destination), family=socket.AF_INET6)[0]
+    except Exception:  # noqa: BLE001 - no route: let the kernel choose later
+        return None
+    src = found.get_attr("RTA_PREFSRC")
+    return ipaddress.IPv6Address(src) if src else None
 
 
 def parse_via(text: str, function_bits: int = 16, param_bits: int = 32) -> ipaddress.IPv6Address:
@@ -111,12 +129,14 @@ def apply(route: SteeringRoute) -> None:
 
     with IPRoute() as ipr:
         try:
+            extra = {"prefsrc": str(route.src)} if route.src is not None else {}
             ipr.route("replace", dst=f"{route.destination}/128", family=socket.AF_INET6,
-                      oif=_ifindex(route.dev),
+                      oif=_ifindex(route.dev), **extra,
                       # pyroute2 takes inline segments in wire order (last hop first).
                       encap={"type": "seg6", "mode": "inline",
                              "segs": [str(s) for s in reversed(route.segments)]},
-                      metrics={"attrs": [["RTAX_MTU", route.mtu], ["RTAX_LOCK", 1 << 2]]})
+                      # lock = 1 << RTAX_MTU: path MTU discovery may not raise it
+                      metrics={"mtu": route.mtu, "lock": 1 << 2})
         except Exception as exc:  # noqa: BLE001 - NetlinkError
             raise RouteError(f"installing the route failed: {exc}") from None
 
@@ -145,6 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", metavar="[ADDR]:PORT",
                         help="the controller (default $SRV6PIPES_CONTROLLER, resolv.conf)")
     parser.add_argument("--dev", required=True, help="the interface toward the network")
+    parser.add_argument("--src", metavar="ADDR",
+                        help="source address of the steered packets (default: the one the "
+                             "host uses toward the server now)")
     parser.add_argument("--path-mtu", type=int, metavar="BYTES",
                         help="the path MTU (default: the MTU of --dev)")
     parser.add_argument("--function-bits", type=int, default=16)
@@ -169,7 +192,8 @@ def build(args) -> tuple[SteeringRoute, Optional[dict]]:
             raise RouteError(f"S {args.target!r}: with --via, give the server's IPv6 "
                              "address") from None
         segments = tuple(parse_via(v, args.function_bits, args.param_bits) for v in args.via)
-        return SteeringRoute(destination, segments, args.dev, path_mtu), None
+        return SteeringRoute(destination, segments, args.dev, path_mtu,
+                             _source(args, destination)), None
     from .client import ResolveError, parse_endpoint, resolve
 
     try:
@@ -185,7 +209,17 @@ def build(args) -> tuple[SteeringRoute, Optional[dict]]:
     answer = {"bsid": str(resolution.bsid), "server": str(resolution.server),
               "overhead": resolution.answer.overhead, "ttl": resolution.ttl,
               "lifetime": resolution.answer.lifetime}
-    return SteeringRoute(resolution.server, (resolution.bsid,), args.dev, mtu), answer
+    return SteeringRoute(resolution.server, (resolution.bsid,), args.dev, mtu,
+                         _source(args, resolution.server)), answer
+
+
+def _source(args, destination: ipaddress.IPv6Address) -> Optional[ipaddress.IPv6Address]:
+    if args.src is None:
+        return current_source(destination)
+    try:
+        return ipaddress.IPv6Address(args.src)
+    except ValueError:
+        raise RouteError(f"--src {args.src!r}: not an IPv6 address") from None
 
 
 def run(args) -> int:

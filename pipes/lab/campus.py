@@ -158,14 +158,21 @@ class CampusLab:
             raise
         return self
 
-    def start_proxy(self, proxy: str) -> Pipesd:
-        host = self.tb.hosts[proxy]
+    def start_proxy_daemon(self, proxy: str) -> Pipesd:
+        """pipesd alone (a restart after a crash: it cleans up its predecessor's state)."""
         extra = ["--hmac-keyring", self.hmac_keyring, "--require-hmac",
                  "--keyring", self.vf_keyring, *self.pipesd_extra]
         if proxy == "p3":  # replies to a client go back through p1 or p2
             extra += ["--return-mode", "reverse"]
-        pipesd = Pipesd(host, self.tb.locator(proxy), f"{self.name}_{proxy}", extra=tuple(extra))
+        pipesd = Pipesd(self.tb.hosts[proxy], self.tb.locator(proxy), f"{self.name}_{proxy}",
+                        extra=tuple(extra))
         self.proxies[proxy] = pipesd
+        return pipesd
+
+    def start_proxy(self, proxy: str) -> Pipesd:
+        """pipesd and its health endpoint."""
+        host = self.tb.hosts[proxy]
+        pipesd = self.start_proxy_daemon(proxy)
         health = Process(host, f"health-{proxy}", [
             sys.executable, "-c", "import sys; from srv6pipes.cli import pipesctl_main; "
             "sys.exit(pipesctl_main(sys.argv[1:]))", "--control", pipesd.control,
