@@ -80,6 +80,9 @@ class SynCapture:
         # drops SYNs without one. Such SYNs take the Python path (srhstack.syn_route).
         self.hmac_keyring = hmac_keyring
         self.require_hmac = require_hmac
+        if hmac_keyring is not None or require_hmac:  # the C fast path checks them too
+            table.set_hmac(hmac_keyring.keys if hmac_keyring is not None else None,
+                           require_hmac)
         # Off-path proxies: a returnpath.ReturnRoutes that marks each SYN with its return
         # path (see returnpath.py); None on-path.
         self.return_routes = return_routes
@@ -100,10 +103,14 @@ class SynCapture:
         return routes, calls set_mark(mark) so the connection's replies take its return path.
         """
         table = self.table
-        if self.return_routes is None and not self.require_hmac and type(payload) is bytes:
-            # The common SYN, parsed and inserted in C (cext/synparse.h); None means
-            # "anything else", left to the Python parser below with nothing counted yet.
+        if self.return_routes is None and type(payload) is bytes:
+            # The common SYNs, parsed and inserted in C (cext/synparse.h, synbinding.h);
+            # None means "anything else", left to the Python parser below with nothing
+            # counted yet.
             flow = table.record_syn(payload)
+            if type(flow) is str:  # "hmac_refused", counted
+                self.rlog.warning("hmac_refused", "SYN dropped: SRH HMAC missing or wrong")
+                return flow
             if flow is not None:
                 client, client_port, destination, dest_port = flow
                 self._retire_time_wait(client, client_port, destination, dest_port)
