@@ -68,8 +68,14 @@ class AgentLink:
     """Keeps one router's agent in sync. ``snapshot()`` returns the sync's binding list."""
 
     def __init__(self, router: str, endpoint: tuple[str, int], key: bytes,
-                 snapshot: Callable[[], list], interval: float, timeout: float):
+                 snapshot: Callable[[], list], interval: float, timeout: float,
+                 adopt: Optional[Callable[[list], None]] = None):
         self.router = router
+        # Called once with the agent's bindings before the first sync: a restarted
+        # controller takes back what its agents still hold instead of wiping it (a sync
+        # lists everything, so the first sync of an empty table would remove it all).
+        self.adopt = adopt
+        self.adopted = adopt is None
         self.endpoint = endpoint
         self.key = key
         self.snapshot = snapshot
@@ -126,6 +132,12 @@ class AgentLink:
             self.wake.clear()
             change = self.changes
             try:
+                if not self.adopted:
+                    status = await request(*self.endpoint, self.key,
+                                           {"type": "status", "router": self.router},
+                                           self.timeout)
+                    self.adopt(status.get("bindings") or [])
+                    self.adopted = True
                 await self.sync(change)
                 delay = RETRY_MIN
             except AgentError as exc:

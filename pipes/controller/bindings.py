@@ -71,10 +71,24 @@ class BindingTable:
         if key in self.by_key:
             raise KeyError(f"binding for {key.text()} exists")
         bsid = self._allocate(key.router)
-        binding = Binding(bsid, tuple(segments), key.server, (key.prefix,), label)
+        binding = Binding(bsid, tuple(segments), key.server, (key.prefix,), label, key.chain)
         entry = BindingEntry(key, binding, tuple(proxies), expires_at, 1)
         self.by_key[key] = entry
         self.by_bsid[bsid] = entry
+        return entry
+
+    def adopt(self, key: BindingKey, binding: Binding, proxies: Iterable[str],
+              expires_at: float) -> Optional[BindingEntry]:
+        """Takes back a binding an agent still holds (the controller restarted). Returns
+        None, changing nothing, when its key or BSID is already in use or the BSID is
+        outside the router's block."""
+        block = self.blocks.get(key.router)
+        if block is None or binding.bsid not in block or binding.bsid == block[0] \
+                or key in self.by_key or binding.bsid in self.by_bsid:
+            return None
+        entry = BindingEntry(key, binding, tuple(proxies), expires_at, 1, confirmed=True)
+        self.by_key[key] = entry
+        self.by_bsid[binding.bsid] = entry
         return entry
 
     def touch(self, entry: BindingEntry, expires_at: float) -> None:
@@ -103,16 +117,17 @@ class BindingTable:
         self.by_key.pop(entry.key, None)
         self.by_bsid.pop(entry.binding.bsid, None)
 
-    def reroute(self, down: set[str],
+    def reroute(self, needs: Callable[[BindingEntry], bool],
                 recompute: Callable[[BindingEntry], tuple[list, list[str]]]) -> tuple[
                     list[BindingEntry], list[tuple[BindingEntry, Exception]]]:
-        """Gives every binding crossing a proxy in ``down`` the path ``recompute(entry)``
+        """Gives every binding for which ``needs(entry)`` is true (its path crosses a dead
+        proxy, or no longer matches the configuration) the path ``recompute(entry)``
         returns as (segments, proxy names). Returns (rerouted, failed): a binding that
         cannot be rerouted keeps its path (the flows through the dead proxy are lost
         either way) and is retried at the next call."""
         rerouted, failed = [], []
         for entry in list(self.by_key.values()):
-            if not down.intersection(entry.proxies):
+            if not needs(entry):
                 continue
             try:
                 segments, proxies = recompute(entry)

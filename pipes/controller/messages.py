@@ -89,8 +89,9 @@ class Binding:
 
     ``segments`` are the function addresses in travel order (the first proxy first);
     ``server`` is the final destination the client puts under the BSID; ``clients`` the
-    prefixes allowed to use it (the edge filter's elements); ``label`` says what it is
-    for (logs, stats).
+    prefixes allowed to use it (the edge filter's elements); ``chain`` the service names
+    it stands for and ``label`` what it is for (the agent only stores them: a restarted
+    controller reads them back to adopt the binding).
     """
 
     bsid: ipaddress.IPv6Address
@@ -98,11 +99,12 @@ class Binding:
     server: ipaddress.IPv6Address
     clients: tuple[ipaddress.IPv6Network, ...]
     label: str = ""
+    chain: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"bsid": str(self.bsid), "segments": [str(s) for s in self.segments],
                 "server": str(self.server), "clients": [str(c) for c in self.clients],
-                "label": self.label}
+                "label": self.label, "chain": list(self.chain)}
 
     @classmethod
     def from_json(cls, data: Any) -> "Binding":
@@ -119,10 +121,14 @@ class Binding:
         label = data.get("label", "")
         if not isinstance(label, str) or len(label) > 200:
             raise ChannelError("bad_request", "binding label: a string of at most 200 characters")
+        chain = data.get("chain", [])
+        if not isinstance(chain, list) or len(chain) > MAX_SEGMENTS or not all(
+                isinstance(name, str) and 0 < len(name) < 32 for name in chain):
+            raise ChannelError("bad_request", "binding chain: a list of service names")
         return cls(_address(data.get("bsid"), "bsid"),
                    tuple(_address(s, "segment") for s in segments),
                    _address(data.get("server"), "server"),
-                   tuple(_network(c, "client prefix") for c in clients), label)
+                   tuple(_network(c, "client prefix") for c in clients), label, tuple(chain))
 
 
 def parse_sync(body: dict) -> list[tuple[Binding, float]]:

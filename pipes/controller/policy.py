@@ -17,7 +17,7 @@ from typing import Iterable, NamedTuple, Optional
 
 from .model import Grant, Router
 
-__all__ = ["Access", "access_router", "authorize"]
+__all__ = ["Access", "access_router", "authorize", "binding_prefix"]
 
 
 class Access(NamedTuple):
@@ -48,3 +48,15 @@ def authorize(grants: Iterable[Grant], client: ipaddress.IPv6Address, server: st
         if any(client in prefix for prefix in grant.clients):
             return grant
     return None
+
+
+def binding_prefix(access: Access, grant: Grant,
+                   client: ipaddress.IPv6Address) -> ipaddress.IPv6Network:
+    """The client prefix a binding for ``client`` is granted to: the router's prefix, or
+    the grant's prefix containing the client when that one is narrower (a grant for part
+    of a router's prefix must not open the binding to the rest of it)."""
+    narrowest = access.prefix
+    for prefix in grant.clients:
+        if client in prefix and prefix.prefixlen > narrowest.prefixlen:
+            narrowest = prefix
+    return narrowest

@@ -39,7 +39,6 @@ import time
 from typing import Optional
 
 import dns.edns
-import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -77,11 +76,13 @@ class Controller:
 
     def __init__(self, config: model.ControllerConfig):
         self.config = config
+        self._origin = dns.name.from_text(config.origin or ".")
         self.key = messages.load_key(config.settings["agent_key"])
         self.table = BindingTable({r.name: r.block for r in config.routers})
         self.prober = Prober(config.proxies, config.settings["probe_timeout"],
                              config.settings["probe_failures"])
         self.links: dict[str, AgentLink] = {}
+        self._make_links()
         self.counters: collections.Counter = collections.Counter()
         self.failovers: collections.deque = collections.deque(maxlen=FAILOVER_HISTORY)
         self.rlog = RateLimitedLogger(log)
@@ -94,7 +95,7 @@ class Controller:
         """The DNS front end's handler: bytes, None (drop), Forward, or a coroutine."""
         try:
             query = dns.message.from_wire(wire)
-        except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parse error is "malformed"
             self.counters["malformed"] += 1
             self.rlog.warning("malformed", "dropped a malformed query from %s: %s", client,
                               exc.__class__.__name__)
@@ -119,7 +120,7 @@ class Controller:
         """The name relative to the zone, lower case; None when outside it."""
         if not self.config.origin:
             return None
-        origin = dns.name.from_text(self.config.origin)
+        origin = self._origin
         if not name.is_subdomain(origin) or name == origin:
             return None
         return name.relativize(origin).to_text().lower()
@@ -166,7 +167,18 @@ class Controller:
             return self._error(query, dns.rcode.REFUSED, dns.edns.EDECode.PROHIBITED,
                                f"policy: {client} may not reach {server} through "
                                f"{','.join(request.chain)}", "refused")
-        key = BindingKey(access.router.name, access.prefix, address, request.chain)
+        link = self.links[access.router.name]
+        if not link.adopted:
+            # Until we know what the agent holds, a new BSID could collide with one of
+            # its bindings (a restarted controller): answer nothing new yet.
+            link.wake.set()
+            return self._error(query, dns.rcode.SERVFAIL, dns.edns.EDECode.NOT_READY,
+                               f"access router {access.router.name} not reached yet",
+                               "agent_not_ready")
+        # The binding serves the router's client prefix, or the grant's if it is narrower:
+        # the edge filter lets through exactly the prefix it is bound to.
+        prefix = policy.binding_prefix(access, grant, client)
+        key = BindingKey(access.router.name, prefix, address, request.chain)
         now = time.monotonic()
         expires = now + settings["binding_lifetime"]
         entry = self.table.get(key)
@@ -253,7 +265,9 @@ class Controller:
             path = pathcomp.compute_path(services, self.config.proxies, loads, entry.key.text())
             return [p.address(s) for p, s in zip(path, services)], [p.name for p in path]
 
-        moved, failed = self.table.reroute(down, recompute)
+        moved, failed = self.table.reroute(
+            lambda entry: bool(down.intersection(entry.proxies)) or not self._path_current(entry),
+            recompute)
         for entry, exc in failed:
             self.rlog.error("reroute", "binding %s (%s) keeps its dead path: %s",
                             entry.binding.bsid, entry.binding.label, exc)
@@ -275,6 +289,18 @@ class Controller:
             self.failovers.append(event)
         log.warning("failover: %s", json.dumps(event, sort_keys=True))
 
+    def _path_current(self, entry: BindingEntry) -> bool:
+        """Whether a binding's path still matches the configuration (after a reload: a
+        proxy removed, a service moved or given other parameters)."""
+        proxies = {proxy.name: proxy for proxy in self.config.proxies}
+        for name, service_name, segment in zip(entry.proxies, entry.key.chain,
+                                               entry.binding.segments):
+            proxy, service = proxies.get(name), self.config.services.get(service_name)
+            if proxy is None or service is None or service_name not in proxy.services \
+                    or proxy.address(service) != segment:
+                return False
+        return True
+
     async def expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL)
@@ -290,14 +316,57 @@ class Controller:
         asyncio.run(self.serve())
         return 0
 
-    def _start_links(self) -> None:
+    def adopt(self, router: str, items: list) -> None:
+        """Takes back the bindings an agent reports (see AgentLink.adopt): those the
+        configuration and the policy still allow, with their remaining lifetime. A binding
+        whose proxies are down is moved at the next probe round."""
+        now = time.monotonic()
+        adopted = 0
+        for item in items:
+            try:
+                binding = messages.Binding.from_json(item)
+                lifetime = float(item.get("expires_in", 0))
+            except (messages.ChannelError, TypeError, ValueError):
+                continue
+            key = self._adoptable(router, binding)
+            if key is None or lifetime <= 0:
+                continue
+            proxies = [self._proxy_of(segment) for segment in binding.segments]
+            if None in proxies:
+                continue
+            if self.table.adopt(key, binding, proxies, now + lifetime) is not None:
+                adopted += 1
+        if adopted:
+            self.counters["bindings_adopted"] += adopted
+            log.info("adopted %d bindings %s still held", adopted, router)
+
+    def _adoptable(self, router: str, binding) -> Optional[BindingKey]:
+        config = self.config
+        server = next((n for n, a in config.names.items() if a == binding.server), None)
+        if server is None or len(binding.clients) != 1 or not binding.chain \
+                or not all(s in config.services for s in binding.chain):
+            return None
+        prefix = binding.clients[0]
+        if policy.authorize(config.grants, prefix.network_address, server,
+                            binding.chain) is None:
+            return None
+        return BindingKey(router, prefix, binding.server, binding.chain)
+
+    def _proxy_of(self, segment) -> Optional[str]:
+        for proxy in self.config.proxies:
+            if proxy.plan.contains(segment):
+                return proxy.name
+        return None
+
+    def _make_links(self) -> None:
+        """One AgentLink per router (started by serve(): they need the event loop)."""
         settings = self.config.settings
+        self.links = {}
         for router in self.config.routers:
-            link = AgentLink(router.name, router.agent, self.key,
-                             lambda name=router.name: self.snapshot(name),
-                             settings["sync_interval"], settings["agent_timeout"])
-            link.start()
-            self.links[router.name] = link
+            self.links[router.name] = AgentLink(
+                router.name, router.agent, self.key, lambda name=router.name: self.snapshot(name),
+                settings["sync_interval"], settings["agent_timeout"],
+                adopt=lambda items, name=router.name: self.adopt(name, items))
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -306,7 +375,9 @@ class Controller:
             loop.add_signal_handler(signum, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         settings = self.config.settings
-        self._start_links()
+        for link in self.links.values():
+            link.start()
+            link.wake.set()   # ask every agent what it holds, now
         first_round = asyncio.Event()
         tasks = [asyncio.create_task(self.probe_loop(first_round)),
                  asyncio.create_task(self.expire_loop())]
@@ -315,6 +386,11 @@ class Controller:
             await asyncio.wait_for(first_round.wait(), FIRST_PROBE_WAIT)
         except asyncio.TimeoutError:
             log.warning("first health probes did not finish within %ss", FIRST_PROBE_WAIT)
+        deadline = time.monotonic() + FIRST_PROBE_WAIT
+        while time.monotonic() < deadline and not all(l.adopted for l in self.links.values()):
+            await asyncio.sleep(0.05)
+        for name in sorted(n for n, l in self.links.items() if not l.adopted):
+            log.warning("agent of %s not reached: no new bindings there until it is", name)
         self.front = DnsFrontEnd(self.handle_dns, settings["max_queries_per_second"],
                                  self.config.upstream)
         control = None
@@ -354,6 +430,7 @@ class Controller:
             return
         old_routers = {r.name: r for r in self.config.routers}
         self.config, self.key = new, key
+        self._origin = dns.name.from_text(new.origin or ".")
         self.prober.update_topology(new.proxies, new.settings["probe_timeout"],
                                     new.settings["probe_failures"])
         self.table.blocks = {r.name: r.block for r in new.routers}
@@ -361,7 +438,8 @@ class Controller:
         for entry in list(self.table.by_key.values()):
             router = next((r for r in new.routers if r.name == entry.key.router), None)
             server = next((n for n, a in new.names.items() if a == entry.key.server), None)
-            allowed = (router is not None and entry.key.prefix in router.clients
+            allowed = (router is not None
+                       and any(entry.key.prefix.subnet_of(c) for c in router.clients)
                        and entry.binding.bsid in router.block and server is not None
                        and all(s in new.services for s in entry.key.chain)
                        and policy.authorize(new.grants, entry.key.prefix.network_address,
@@ -370,10 +448,13 @@ class Controller:
                 self.table.remove(entry)
                 dirty.add(entry.key.router)
                 self.counters["bindings_revoked"] += 1
+        adopted = {name for name, link in self.links.items() if link.adopted}
         for link in self.links.values():
             await link.stop()
-        self.links.clear()
-        self._start_links()
+        self._make_links()
+        for name, link in self.links.items():
+            link.adopted = link.adopted or name in adopted  # the table has them already
+            link.start()
         for name in dirty & {r.name for r in new.routers}:
             self.links[name].changed()
         removed = set(old_routers) - {r.name for r in new.routers}

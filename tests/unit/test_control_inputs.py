@@ -80,13 +80,16 @@ def test_answers_that_need_no_binding(tmp_path):
     assert ask(controller, "rot13._pipes.www.campus.lab.").rcode() == dns.rcode.NXDOMAIN
     assert ask(controller, "dpi._pipes.www.campus.lab.",
                client=A("fd00:e::1")).rcode() == dns.rcode.REFUSED
+    not_ready = ask(controller, "dpi._pipes.intranet.campus.lab.")
+    assert not_ready.rcode() == dns.rcode.SERVFAIL and "not reached" in not_ready.options[0].text
+    controller.links["a1"].adopted = True   # as if the agent had told us what it holds
     nopath = ask(controller, "dpi._pipes.intranet.campus.lab.")  # nothing probed: all down
     assert nopath.rcode() == dns.rcode.SERVFAIL and "no healthy proxy" in nopath.options[0].text
     response = dns.message.make_response(dns.message.make_query("x.campus.lab.", "A"))
     assert controller.handle_dns(response.to_wire(), STAFF) is None   # a response: dropped
     counters = controller.counters
     assert counters["refused"] == 3 and counters["nxdomain"] == 2 and counters["not_a_query"] == 1
-    assert counters["no_path"] == 1
+    assert counters["no_path"] == 1 and counters["agent_not_ready"] == 1
 
 
 def test_policy_overhead():

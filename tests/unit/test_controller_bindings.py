@@ -47,8 +47,8 @@ def test_reroute_only_moves_bindings_crossing_a_dead_proxy():
     table = BindingTable({"a1": BLOCK})
     via_p1 = table.create(key(1), [A("fc00:1::5:0:1"), A("fc00:3::6:0:1")], ["p1", "p3"], "t", 9.0)
     via_p2 = table.create(key(2), [A("fc00:2::5:0:1"), A("fc00:3::6:0:1")], ["p2", "p3"], "t", 9.0)
-    moved, failed = table.reroute({"p1"}, lambda e: ([A("fc00:2::5:0:1"), A("fc00:3::6:0:1")],
-                                                     ["p2", "p3"]))
+    moved, failed = table.reroute(lambda e: "p1" in e.proxies,
+                                  lambda e: ([A("fc00:2::5:0:1"), A("fc00:3::6:0:1")], ["p2", "p3"]))
     assert moved == [via_p1] and not failed
     assert via_p1.proxies == ("p2", "p3") and via_p1.generation == 2
     assert via_p1.binding.segments[0] == A("fc00:2::5:0:1")
@@ -58,7 +58,7 @@ def test_reroute_only_moves_bindings_crossing_a_dead_proxy():
 
     def nowhere(entry):
         raise RuntimeError("no path")
-    moved, failed = table.reroute({"p2"}, nowhere)
+    moved, failed = table.reroute(lambda e: "p2" in e.proxies, nowhere)
     assert not moved and len(failed) == 2
 
 

@@ -143,3 +143,13 @@ def test_bindings_count_as_load(cfg):
     state["p1"] = ProxyLoad(True, 0, bindings=3)
     path = compute_path(chain(cfg, "encrypt", "decrypt"), cfg.proxies, state, "k")
     assert path[0].name == "p2"
+
+
+def test_binding_prefix_is_the_narrowest_grant(cfg):
+    access = policy.access_router(cfg.routers, A("fd00:c1::7"))
+    grant = model.Grant("lab", (ipaddress.IPv6Network("fd00:c1::/112"),), None,
+                        frozenset({("dpi",)}))
+    assert policy.binding_prefix(access, grant, A("fd00:c1::7")) == \
+        ipaddress.IPv6Network("fd00:c1::/112")
+    wide = model.Grant("all", (ipaddress.IPv6Network("fd00::/16"),), None, frozenset())
+    assert policy.binding_prefix(access, wide, A("fd00:c1::7")) == access.prefix
