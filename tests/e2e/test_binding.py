@@ -39,7 +39,9 @@ def campus(tmp_path_factory):
     from srv6pipes.lab.testbed import Testbed
 
     with Testbed(topology="campus") as tb:
-        lab = Campus(tb, str(tmp_path_factory.mktemp("campus")), f"b{os.getpid()}")
+        # p2 runs no pipesd: the kernel-only test below uses it.
+        lab = Campus(tb, str(tmp_path_factory.mktemp("campus")), f"b{os.getpid()}",
+                     proxies=("p1", "p3"))
         try:
             yield lab
         finally:
@@ -243,3 +245,60 @@ def test_binding_kernel_restart_adopts_and_stop_removes(campus, tmp_path):
         second.stop()
     assert kernel_snapshot(a1) == before
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("require, kernel_key, accepted", [
+    (-1, None, True),                 # no check at all: what pipesd sets with a keyring
+    (0, None, False),                 # an HMAC whose key the kernel lacks: dropped
+    (0, HMAC_KEYS["a1"], True),       # present and valid: passes (a missing one would too)
+    (1, HMAC_KEYS["a1"], False),      # required on every SRH: the client's inner one fails
+])
+def test_what_the_kernel_checks_on_the_emulation_path(campus, router, tmp_path, require,
+                                                      kernel_key, accepted):
+    """p2 without pipesd: the kernel recipe and a transparent listener only, so whatever
+    drops the signed binding SYN is the kernel's SRH code (seg6_hmac_validate_skb)."""
+    from srv6pipes import kernelsetup
+    from srv6pipes.agent.kernel import Seg6Genl
+    from srv6pipes.worker import make_listener
+
+    kernel = router()
+    p2 = campus.tb.hosts["p2"]
+    bind(campus, kernel, [campus.address("p2", "identity")])
+    config = kernelsetup.KernelConfig(name=f"k{os.getpid()}", locator=campus.tb.locator("p2"),
+                                      port=7010, queue_num=9, fwmark=0x100, table=190,
+                                      rule_priority=190)
+    with p2.enter():
+        kernelsetup.install(config)
+        listener = make_listener(7010)
+        genl = Seg6Genl()
+    try:
+        with p2.enter():
+            if kernel_key is not None:
+                genl.set_key(*kernel_key)
+        p2.run(["sh", "-c", "for f in /proc/sys/net/ipv6/conf/*/seg6_require_hmac; do "
+                            f"echo {require} > $f; done"])
+        sock = campus.socket("c1", client_srh(campus))
+        sock.setblocking(False)
+        try:
+            sock.connect((str(campus.tb.hosts["s"].addr), 80))
+        except BlockingIOError:
+            pass
+        listener.settimeout(1.5)
+        try:
+            connection, _ = listener.accept()
+            connection.close()
+            got = True
+        except (TimeoutError, socket.timeout, BlockingIOError):
+            got = False
+        finally:
+            sock.close()
+        assert got == accepted
+    finally:
+        p2.run(["sh", "-c", "for f in /proc/sys/net/ipv6/conf/*/seg6_require_hmac; do "
+                            "echo 0 > $f; done"])
+        listener.close()
+        with p2.enter():
+            if kernel_key is not None:
+                genl.delete_key(kernel_key[0])
+            genl.close()
+            kernelsetup.remove(config)
