@@ -2,13 +2,15 @@
 """Control-plane numbers on the campus testbed (a benchmark, not a test): run it under the
 exclusive lock of COORDINATION-style shared machines, as root.
 
-    python bench/run_control.py               # ~4 minutes
+    python bench/run_control.py               # ~5 minutes
     python bench/run_control.py --quick       # shorter runs, fewer repetitions
 
 1. DNS: lookups answered per second for a binding that is already installed (the path a
    client's repeated lookups take), closed loop with WINDOW queries in flight from c1, and
-   latency p50/p99 at that rate and at half of it (open loop, paced). Load generator on
-   CPU 0, controller on CPU 1.
+   latency p50/p99 at that rate and at half of it (open loop, paced). Twice: the same
+   question repeated (the controller's answer cache), and every question in another
+   letter case (0x20: the whole path, parse to answer). Load generator on CPU 0,
+   controller on CPU 1.
 2. Failover: the proxy carrying a binding is killed (SIGKILL of its pipesd, a crash);
    time until the first new connection from the unchanged client succeeds through the
    other proxy (attempts every 10 ms, 300 ms connect timeout), and the controller's own
@@ -67,9 +69,24 @@ def percentile(values, p):
 
 # -- 1. DNS --------------------------------------------------------------------------------
 
-def dns_load(host, server, wire: bytes, seconds: float, rate: float | None):
-    """From ``host``: queries (same question, fresh ids) for ``seconds``; closed loop with
-    WINDOW in flight (rate None) or paced at ``rate``/s. Returns (answered/s, latencies)."""
+def case_variants(wire: bytes, count: int) -> list[bytes]:
+    """The query with its name in ``count`` random letter cases (DNS 0x20): the same
+    question to the controller's logic, different bytes to its answer cache."""
+    rng = random.Random(20)
+    variants = []
+    for _ in range(count):
+        data = bytearray(wire)
+        for i in range(12, len(data) - 4):
+            if 97 <= data[i] <= 122 and rng.random() < 0.5:
+                data[i] -= 32
+        variants.append(bytes(data))
+    return variants
+
+
+def dns_load(host, server, wires: list[bytes], seconds: float, rate: float | None):
+    """From ``host``: queries (fresh ids; the next of ``wires`` each time) for ``seconds``;
+    closed loop with WINDOW in flight (rate None) or paced at ``rate``/s. Returns
+    (answered/s, latencies)."""
     os.sched_setaffinity(0, {CLIENT_CPU})
     with host.enter():
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -93,7 +110,7 @@ def dns_load(host, server, wire: bytes, seconds: float, rate: float | None):
         if can_send:
             next_id = (next_id + 1) & 0xFFFF
             try:
-                sock.send(struct.pack("!H", next_id) + wire[2:])
+                sock.send(struct.pack("!H", next_id) + wires[next_id % len(wires)][2:])
                 sent[next_id] = now
             except BlockingIOError:
                 pass
@@ -124,15 +141,21 @@ def bench_dns(tb, lab, seconds):
     wire = dnsquery.make_query(NAME, ["encrypt", "decrypt"]).to_wire()
     lab.dig("c1", f"encrypt.decrypt._pipes.{NAME}")          # the binding exists from here
     pin(lab.controller.proc.pid, SERVER_CPU)
-    rate, latencies = dns_load(tb.hosts["c1"], lab.dns, wire, seconds, None)
-    half, half_latencies = dns_load(tb.hosts["c1"], lab.dns, wire, seconds, rate / 2)
-    stats = lab.controller_stats()
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
-    return {"answered_per_s": round(rate), "window": WINDOW,
-            "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
-            "half_rate_per_s": round(half), "half_rate_p50_ms": ms(percentile(half_latencies, 50)),
-            "half_rate_p99_ms": ms(percentile(half_latencies, 99)),
-            "controller_counters": stats["counters"], "dns_counters": stats["dns"]}
+    result = {"window": WINDOW}
+    # "repeat": one client asking the same question (the answer cache); "0x20": every
+    # query's name in another letter case, so each one goes through the whole logic.
+    for label, wires in (("repeat", [wire]), ("0x20", case_variants(wire, 4096))):
+        rate, latencies = dns_load(tb.hosts["c1"], lab.dns, wires, seconds, None)
+        half, half_latencies = dns_load(tb.hosts["c1"], lab.dns, wires, seconds, rate / 2)
+        result[label] = {
+            "answered_per_s": round(rate), "p50_ms": ms(percentile(latencies, 50)),
+            "p99_ms": ms(percentile(latencies, 99)), "half_rate_per_s": round(half),
+            "half_rate_p50_ms": ms(percentile(half_latencies, 50)),
+            "half_rate_p99_ms": ms(percentile(half_latencies, 99))}
+    stats = lab.controller_stats()
+    result.update(controller_counters=stats["counters"], dns_counters=stats["dns"])
+    return result
 
 
 # -- 2. failover -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ are dropped by the server (and counted), not answered.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from typing import Optional
@@ -46,6 +47,8 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+import dns.rdtypes.IN.AAAA
 import dns.rrset
 
 from ..srh import SRH
@@ -136,21 +139,30 @@ def _respond(query: dns.message.Message) -> dns.message.Message:
     return response
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdatas(result: Answer) -> tuple:
+    """(TXT, AAAA, TYPE65280) rdata of an answer, built once per binding: a repeated
+    lookup is the common case, and dnspython's text parsers cost most of a query."""
+    txt = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT,
+                                  [s.encode() for s in result.txt_strings()])
+    aaaa = dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, str(result.server))
+    srh = dns.rdata.GenericRdata(dns.rdataclass.IN, TYPE_SRH, result.srh().to_bytes())
+    return txt, aaaa, srh
+
+
 def answer(query: dns.message.Message, request: PipesQuery, result: Answer,
            ttl: int) -> dns.message.Message:
     """The response to a granted request (see the module docstring for the layout)."""
     response = _respond(query)
     name = query.question[0].name
-    txt = dns.rrset.from_text_list(name, ttl, "IN", "TXT",
-                                   [" ".join(f'"{s}"' for s in result.txt_strings())])
+    txt, aaaa, srh = _rdatas(result)
     if request.qtype == dns.rdatatype.TXT:
-        response.answer.append(txt)
+        response.answer.append(dns.rrset.from_rdata(name, ttl, txt))
     elif request.qtype == dns.rdatatype.AAAA:
-        response.answer.append(dns.rrset.from_text(name, ttl, "IN", "AAAA", str(result.server)))
-        response.additional.append(txt)
+        response.answer.append(dns.rrset.from_rdata(name, ttl, aaaa))
+        response.additional.append(dns.rrset.from_rdata(name, ttl, txt))
     elif request.qtype == TYPE_SRH:
-        rdata = dns.rdata.GenericRdata(dns.rdataclass.IN, TYPE_SRH, result.srh().to_bytes())
-        response.answer.append(dns.rrset.from_rdata(name, ttl, rdata))
+        response.answer.append(dns.rrset.from_rdata(name, ttl, srh))
     return response
 
 

@@ -60,6 +60,7 @@ __version__ = "0.1.0"
 EXPIRY_INTERVAL = 1.0
 FIRST_PROBE_WAIT = 5.0
 FAILOVER_HISTORY = 20
+ANSWER_CACHE_SIZE = 65536
 SRH_FIXED = 8
 SEGMENT = 16
 HMAC_TLV_BYTES = 40
@@ -86,6 +87,8 @@ class Controller:
         self.counters: collections.Counter = collections.Counter()
         self.failovers: collections.deque = collections.deque(maxlen=FAILOVER_HISTORY)
         self.rlog = RateLimitedLogger(log)
+        # (client, query without its id) -> (binding, its generation, response without id)
+        self.answers: dict = {}
         self.front: Optional[DnsFrontEnd] = None
         self.started = time.time()
         self.stop_event: Optional[asyncio.Event] = None
@@ -93,6 +96,16 @@ class Controller:
     # -- the queries ---------------------------------------------------------------------
     def handle_dns(self, wire: bytes, client: ipaddress.IPv6Address):
         """The DNS front end's handler: bytes, None (drop), Forward, or a coroutine."""
+        cached = self.answers.get((client, wire[2:]))
+        if cached is not None:
+            entry, generation, tail = cached
+            # Still the same live binding: refresh it and answer without parsing.
+            if self.table.get(entry.key) is entry and entry.generation == generation:
+                self.table.touch(entry, time.monotonic() + self.config.settings["binding_lifetime"])
+                self.counters["answered_existing"] += 1
+                self.counters["answered_from_cache"] += 1
+                return wire[:2] + tail
+            del self.answers[(client, wire[2:])]
         try:
             query = dns.message.from_wire(wire)
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parse error is "malformed"
@@ -110,7 +123,7 @@ class Controller:
         if request is None:
             return self._plain(query)
         self.counters["pipes_queries"] += 1
-        return self._pipes(query, request, client)
+        return self._pipes(query, request, client, wire)
 
     def _error(self, query, rcode: int, ede: int, text: str, counter: str) -> bytes:
         self.counters[counter] += 1
@@ -145,7 +158,18 @@ class Controller:
         self.counters["plain_answers"] += 1
         return response.to_wire()
 
-    def _pipes(self, query, request: dnsquery.PipesQuery, client: ipaddress.IPv6Address):
+    def _remember(self, client: ipaddress.IPv6Address, wire: bytes, entry: BindingEntry,
+                  response: bytes) -> bytes:
+        """Keeps the answer for the same client asking the same question again (everything
+        but the query id equal): the next one is answered without parsing. Bounded; the
+        entry is checked to be the same live binding before each use."""
+        if len(self.answers) >= ANSWER_CACHE_SIZE:
+            self.answers.pop(next(iter(self.answers)))
+        self.answers[(client, wire[2:])] = (entry, entry.generation, response[2:])
+        return response
+
+    def _pipes(self, query, request: dnsquery.PipesQuery, client: ipaddress.IPv6Address,
+               wire: bytes):
         settings = self.config.settings
         server = self._relative(request.server)
         address = self.config.names.get(server) if server is not None else None
@@ -186,7 +210,8 @@ class Controller:
             self.table.touch(entry, expires)
             if entry.confirmed:
                 self.counters["answered_existing"] += 1
-                return self._answer(query, request, entry, access.router).to_wire()
+                return self._remember(client, wire, entry,
+                                      self._answer(query, request, entry, access.router).to_wire())
             return self._wait_and_answer(query, request, entry, access.router, None)
         try:
             entry = self._create(key, grant.name, server, expires)
@@ -430,6 +455,7 @@ class Controller:
             return
         old_routers = {r.name: r for r in self.config.routers}
         self.config, self.key = new, key
+        self.answers.clear()  # grants, names or TTLs may have changed
         self._origin = dns.name.from_text(new.origin or ".")
         self.prober.update_topology(new.proxies, new.settings["probe_timeout"],
                                     new.settings["probe_failures"])

@@ -139,3 +139,33 @@ def test_client_mss_and_endpoints():
     assert parse_endpoint("[fd00:e::1]:53") == ("fd00:e::1", 53)
     with pytest.raises(ResolveError, match="expected"):
         parse_endpoint("fd00:e::1:53")
+
+
+def test_repeated_questions_are_answered_from_the_cache_while_the_binding_lives(tmp_path):
+    import time
+
+    from srv6pipes.controller.bindings import BindingKey
+
+    controller = make_controller(tmp_path)
+    controller.links["a1"].adopted = True
+    key = BindingKey("a1", ipaddress.IPv6Network("fd00:c1::/64"), A("fd00:d::1"), ("xor", "xor"))
+    entry = controller.table.create(key, [A("fc00:1::1:0:2a"), A("fc00:3::1:0:2a")], ["p1", "p3"],
+                                    "t", time.monotonic() + 1)
+    entry.confirmed = True
+    query = dnsquery.make_query("www.campus.lab", ["xor", "xor"])
+    first = controller.handle_dns(query.to_wire(), STAFF)
+    query.id = (query.id + 1) & 0xFFFF
+    second = controller.handle_dns(query.to_wire(), STAFF)
+    assert controller.counters["answered_from_cache"] == 1
+    assert second[:2] == query.to_wire()[:2] and second[2:] == first[2:]
+    assert dnsquery.parse_answer(dns.message.from_wire(second))[0].bsid == entry.binding.bsid
+    assert entry.expires_at > time.monotonic() + 100          # the lookup refreshed it
+    # Another client, or the binding rerouted: not from the cache.
+    controller.handle_dns(query.to_wire(), A("fd00:c1::2"))
+    entry.generation += 1
+    controller.handle_dns(query.to_wire(), STAFF)
+    assert controller.counters["answered_from_cache"] == 1
+    # Gone (expired or revoked): the question is decided again, and refused here (p1 down).
+    controller.table.remove(entry)
+    again = dns.message.from_wire(controller.handle_dns(query.to_wire(), STAFF))
+    assert again.rcode() == dns.rcode.SERVFAIL
