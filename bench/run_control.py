@@ -50,7 +50,6 @@ from srv6pipes.controller.messages import Binding  # noqa: E402
 from srv6pipes.lab.apps import Lighttpd, Pipesd  # noqa: E402
 from srv6pipes.lab.campus import ROUTERS, CampusLab  # noqa: E402
 from srv6pipes.lab.testbed import Testbed  # noqa: E402
-from srv6pipes.srhhmac import HmacKeyring  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 WINDOW = 32

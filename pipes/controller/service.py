@@ -32,7 +32,6 @@ import collections
 import ipaddress
 import json
 import logging
-import os
 import signal
 import sys
 import time

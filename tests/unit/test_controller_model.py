@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 from hypothesis import given, strategies as st
 
-from srv6pipes.controller import model, pathcomp, policy
+from srv6pipes.controller import model, policy
 from srv6pipes.controller.model import ConfigError
 from srv6pipes.controller.pathcomp import NoPath, ProxyLoad, compute_path
 
