@@ -7,7 +7,7 @@ PYTHON ?= python3
 APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
 	libnetfilter-queue-dev libnfnetlink-dev libcap-dev zlib1g-dev \
 	clang libbpf-dev linux-libc-dev \
-	curl lighttpd wrk iperf3 haproxy
+	curl lighttpd wrk iperf3 haproxy dnsutils
 STAMP = .deps-installed
 
 .PHONY: deps build demo test bench figures clean

@@ -112,7 +112,8 @@ setup(
     cmdclass={"build_py": build_py_with_kernel, "build_ext": build_ext_with_vf_modules},
     version="0.1.0",
     description="In-network bytestream functions steered by IPv6 Segment Routing",
-    packages=["srv6pipes", "srv6pipes.modules", "srv6pipes.lab"],
+    packages=["srv6pipes", "srv6pipes.modules", "srv6pipes.lab", "srv6pipes.controller",
+              "srv6pipes.agent"],
     package_dir={"srv6pipes": "pipes"},
     ext_modules=cython_extensions(),
     python_requires=">=3.11",
@@ -122,12 +123,15 @@ setup(
         "NetfilterQueue",
         "pyroute2",
         "cryptography",
+        "dnspython",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "pipesd=srv6pipes.cli:pipesd_main",
             "pipesctl=srv6pipes.cli:pipesctl_main",
+            "pipes-controller=srv6pipes.controller.service:main",
+            "pipes-agent=srv6pipes.agent.service:main",
         ]
     },
 )

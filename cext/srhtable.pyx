@@ -35,12 +35,13 @@ process may insert (the capture process): two writers on one table would corrupt
 When create() replaces a table, it marks the old one retired; attach()ed readers of the old
 one move to the new one on their next lookup (`reattaches`).
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport errno
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
+import hmac as _hmac
 import os
 import time
 
@@ -135,6 +136,21 @@ cdef extern from "synparse.h" nogil:
         uint8_t segments_left
     int syn_parse_fast(const uint8_t *p, size_t length, size_t srh_max, syn_info *out)
 
+cdef extern from "synbinding.h" nogil:
+    enum:
+        SYN_HMAC_TLV_BYTES
+    struct syn_binding:
+        const uint8_t *client
+        uint16_t client_port
+        uint16_t dest_port
+        const uint8_t *outer
+        size_t outer_len
+        const uint8_t *inner
+        size_t inner_len
+        const uint8_t *hmac
+    int syn_parse_binding(const uint8_t *p, size_t length, syn_binding *out)
+    size_t syn_flatten(const syn_binding *b, uint8_t *buf, size_t cap, int64_t key_id)
+
 # Names of header.counters[i], in order. The table's own (inserts .. rejected) are kept by
 # insert(); the capture process adds its per-SYN counters with count().
 COUNTERS = (
@@ -149,6 +165,8 @@ COUNTERS = (
     "errors",        # capture: unexpected exceptions while handling a packet (accepted)
     "queue_drops",   # capture: the kernel could not deliver queued packets (ENOBUFS): SYNs lost
     "time_wait_retired",  # capture: a proxy-side TIME_WAIT socket blocked the SYN's tuple
+    "hmac_refused",  # capture: SRH HMAC missing (--require-hmac), unknown or wrong: dropped
+    "stacked",       # capture: a binding's SRH stacked over the client's, flattened
 )
 COUNTER_INDEX = {counter: index for index, counter in enumerate(COUNTERS)}
 assert len(COUNTERS) <= SRHT_NCOUNTERS
@@ -251,6 +269,9 @@ cdef class SrhTable:
     cdef readonly uint64_t lookup_busy      # slots given up on after MAX_READ_TRIES
     cdef readonly uint64_t reattaches       # times a retired table was replaced by the new one
     cdef uint64_t next_reattach_ms
+    # SRH HMAC (writer only, set_hmac): key id -> secret, and whether an HMAC is required.
+    cdef dict hmac_keys
+    cdef bint require_hmac
 
     def __cinit__(self):
         self.base = NULL
@@ -469,18 +490,32 @@ cdef class SrhTable:
                         key, sl, srh, srh_len, now)
         srht_counter_add(&self.hdr.counters[0], 1)
 
+    def set_hmac(self, keys, bint require):
+        """SRH HMAC for record_syn (the capture calls it once): ``keys`` maps key ids to
+        secrets (None: no keyring, HMACs are not checked); ``require`` refuses SYNs
+        without a valid one. Same rules as srhstack.syn_route."""
+        self._check_writable()
+        self.hmac_keys = dict(keys) if keys is not None else None
+        self.require_hmac = require
+
     def record_syn(self, bytes packet):
-        """The capture's per-SYN fast path (cext/synparse.h): parses a queued packet of the
-        common shape in C, counts `syn_seen`, inserts its SRH and returns the connection's
-        (client address, client port, final destination, destination port), addresses
-        as 16 bytes. Returns None, having counted nothing, for any other packet: the
-        capture's Python path (capture.SynCapture.handle_payload) then decides."""
+        """The capture's per-SYN fast path (cext/synparse.h, cext/synbinding.h): parses a
+        queued packet of a common shape in C, counts `syn_seen`, inserts the SRH this
+        proxy acts on and returns the connection's (client address, client port, final
+        destination, destination port), addresses as 16 bytes. Returns "hmac_refused"
+        (counted) for a SYN whose HMAC is missing under --require-hmac, unknown or wrong:
+        the capture drops it. Returns None, having counted nothing, for any other packet:
+        the capture's Python path (capture.SynCapture.handle_payload) then decides."""
         cdef syn_info info
         cdef srht_key key
         self._check_writable()
         if syn_parse_fast(<const uint8_t *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet),
                           SRHT_SRH_MAX, &info) != SYN_FAST:
-            return None
+            return self._record_binding_syn(packet)
+        if self.require_hmac:
+            srht_counter_add(&self.hdr.counters[4], 1)  # syn_seen
+            self.count("hmac_refused")
+            return "hmac_refused"
         memcpy(key.client_addr, info.client, 16)
         memcpy(key.dest_addr, info.destination, 16)
         key.client_port = info.client_port
@@ -489,6 +524,67 @@ cdef class SrhTable:
         self._insert(&key, info.segments_left, info.srh, info.srh_len)
         return (PyBytes_FromStringAndSize(<char *>info.client, 16), info.client_port,
                 PyBytes_FromStringAndSize(<char *>info.destination, 16), info.dest_port)
+
+    cdef object _record_binding_syn(self, bytes packet):
+        """record_syn for the shapes of synbinding.h: an HMAC'd SRH, or a binding's stacked
+        pair, flattened (and signed again) here. The HMACs are Python's hmac.digest."""
+        cdef syn_binding b
+        cdef srht_key key
+        cdef uint8_t flat[SRHT_SRH_MAX]
+        cdef size_t flat_len, count
+        cdef int64_t key_id = -1
+        cdef const uint8_t *srh
+        cdef uint16_t srh_len
+        cdef uint8_t segments_left
+        if syn_parse_binding(<const uint8_t *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet),
+                             &b) != SYN_FAST:
+            return None
+        client = PyBytes_FromStringAndSize(<char *>b.client, 16)
+        if b.hmac != NULL and self.hmac_keys is not None:
+            key_id = (<int64_t>b.hmac[4] << 24) | (b.hmac[5] << 16) | (b.hmac[6] << 8) | b.hmac[7]
+            secret = self.hmac_keys.get(key_id)
+            count = <size_t>b.outer[4] + 1
+            if secret is None or not _hmac.compare_digest(
+                    _hmac.digest(secret, client + PyBytes_FromStringAndSize(<char *>b.outer + 4, 2)
+                                 + PyBytes_FromStringAndSize(<char *>b.hmac + 4, 4)
+                                 + PyBytes_FromStringAndSize(<char *>b.outer + 8, 16 * count),
+                                 "sha256"),
+                    PyBytes_FromStringAndSize(<char *>b.hmac + 8, 32)):
+                return self._refuse()
+        elif self.require_hmac:
+            return self._refuse()
+        if b.inner == NULL:
+            if b.outer_len > SRHT_SRH_MAX:
+                return None
+            srh, srh_len, segments_left = b.outer, <uint16_t>b.outer_len, b.outer[3]
+            destination = PyBytes_FromStringAndSize(<char *>b.outer + 8, 16)
+        else:
+            flat_len = syn_flatten(&b, flat, SRHT_SRH_MAX, key_id)
+            if flat_len == 0:
+                return None
+            if key_id >= 0:
+                count = <size_t>flat[4] + 1
+                digest = _hmac.digest(self.hmac_keys[key_id],
+                                      client + PyBytes_FromStringAndSize(<char *>flat + 4, 2)
+                                      + PyBytes_FromStringAndSize(<char *>b.hmac + 4, 4)
+                                      + PyBytes_FromStringAndSize(<char *>flat + 8, 16 * count),
+                                      "sha256")
+                memcpy(flat + flat_len - 32, PyBytes_AS_STRING(digest), 32)
+            srh, srh_len, segments_left = flat, <uint16_t>flat_len, flat[3]
+            destination = PyBytes_FromStringAndSize(<char *>flat + 8, 16)
+            self.count("stacked")
+        memcpy(key.client_addr, b.client, 16)
+        memcpy(key.dest_addr, PyBytes_AS_STRING(destination), 16)
+        key.client_port = b.client_port
+        key.dest_port = b.dest_port
+        srht_counter_add(&self.hdr.counters[4], 1)  # syn_seen
+        self._insert(&key, segments_left, srh, srh_len)
+        return (client, b.client_port, destination, b.dest_port)
+
+    cdef object _refuse(self):
+        srht_counter_add(&self.hdr.counters[4], 1)  # syn_seen
+        self.count("hmac_refused")
+        return "hmac_refused"
 
     def count(self, counter, n=1):
         """Adds n to writer counter `counter` (one of COUNTERS); the capture process's

@@ -14,7 +14,8 @@
  * resets it and the client fails.
  *
  * What this program does, per packet, before netfilter: an IPv6 packet to our locator
- * whose SRH follows the IPv6 header, carrying a TCP segment with ACK and without SYN or
+ * whose SRH follows the IPv6 header (or two SRHs, a binding's: End.B6 stacks them),
+ * carrying a TCP segment with ACK and without SYN or
  * RST, is looked up as the kernel will see it after the SRH loop (client -> S, S being the
  * SRH's last segment). If no connection has that tuple, it is the first ACK of a cookie
  * connection (or garbage): it is assigned to the listener (bpf_sk_assign, as TPROXY does
@@ -83,9 +84,21 @@ int cookie_ack(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (bpf_skb_load_bytes_relative(skb, sizeof(ip6), &srh, sizeof(srh), BPF_HDR_START_NET))
 		return TC_ACT_OK;
-	if (srh.type != SRH_TYPE || srh.nexthdr != IPPROTO_TCP || srh.hdrlen < 2)
+	if (srh.type != SRH_TYPE || srh.hdrlen < 2)
 		return TC_ACT_OK;
 	tcp_offset = sizeof(ip6) + ((__u32)srh.hdrlen + 1) * 8;
+	if (srh.nexthdr == IPPROTO_ROUTING_HEADER) {
+		/* A binding segment's End.B6 put its policy SRH in front of the client's: the
+		 * final destination is the inner header's last segment, and the kernel's SRH
+		 * loop walks both. */
+		if (bpf_skb_load_bytes_relative(skb, tcp_offset, &srh, sizeof(srh), BPF_HDR_START_NET))
+			return TC_ACT_OK;
+		if (srh.type != SRH_TYPE || srh.hdrlen < 2)
+			return TC_ACT_OK;
+		tcp_offset += ((__u32)srh.hdrlen + 1) * 8;
+	}
+	if (srh.nexthdr != IPPROTO_TCP)
+		return TC_ACT_OK;
 	if (bpf_skb_load_bytes_relative(skb, tcp_offset, &tcp, sizeof(tcp), BPF_HDR_START_NET))
 		return TC_ACT_OK;
 	if (!tcp.ack || tcp.syn || tcp.rst)

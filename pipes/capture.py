@@ -12,7 +12,9 @@ malformed one goes on and the worker decides (it resets it).
 Counters live in the SRH table header (``_srhtable.COUNTERS``), so the master and
 ``pipesctl`` read them from any mapping of the table. Per packet read from the queue,
 ``syn_seen`` grows by one and so does exactly one of ``inserts``, ``rejected`` (SRH
-larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn`` and ``errors``.
+larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn``, ``hmac_refused``
+(dropped: ``--require-hmac`` and no valid HMAC, or a wrong one) and ``errors``. ``stacked``
+also counts the SYNs whose binding SRH was flattened into the client's (srhstack.py).
 
 Process shape: the master forks and calls :func:`run_capture_process` (table created by
 the master) or :func:`capture_main` (the capture process creates the table). Both name
@@ -36,6 +38,8 @@ from typing import Callable, Optional
 from . import _srhtable, system
 from .ratelimit import RateLimitedLogger
 from .srh import SRHError, find_srh
+from .srhhmac import HmacKeyring, HmacRefused
+from .srhstack import syn_route
 from .timewait import TimeWaitReaper
 
 log = logging.getLogger("srv6pipes.capture")
@@ -56,7 +60,7 @@ QUEUE_MAXLEN = 4096         # SYNs the kernel holds for us before it drops (ENOB
 # reset them, and under a flood of them (garbage SRHs, SRHs not for us) each would take a
 # place in the listener's SYN queue that a real client needs. Unexpected errors (ours)
 # still accept: the worker then falls back to the kernel's saved SYN.
-DROPPED = frozenset({"no_srh", "malformed", "rejected"})
+DROPPED = frozenset({"no_srh", "malformed", "rejected", "hmac_refused"})
 READ_BUDGET = 256           # queue messages handled before the stop flag is checked again
 POLL_INTERVAL = 0.5         # seconds; the wake-up fd makes stopping immediate anyway
 
@@ -73,8 +77,16 @@ class SynCapture:
     """
 
     def __init__(self, table, queue_num: int, logger: Optional[logging.Logger] = None,
-                 queue_maxlen: int = QUEUE_MAXLEN, return_routes=None):
+                 queue_maxlen: int = QUEUE_MAXLEN, return_routes=None,
+                 hmac_keyring=None, require_hmac: bool = False):
         self.table = table
+        # SRH HMAC (srhhmac.py): an HmacKeyring checks HMACs present; require_hmac also
+        # drops SYNs without one. Such SYNs take the Python path (srhstack.syn_route).
+        self.hmac_keyring = hmac_keyring
+        self.require_hmac = require_hmac
+        if hmac_keyring is not None or require_hmac:  # the C fast path checks them too
+            table.set_hmac(hmac_keyring.keys if hmac_keyring is not None else None,
+                           require_hmac)
         # Off-path proxies: a returnpath.ReturnRoutes that marks each SYN with its return
         # path (see returnpath.py); None on-path.
         self.return_routes = return_routes
@@ -97,9 +109,13 @@ class SynCapture:
         """
         table = self.table
         if self.return_routes is None and type(payload) is bytes:
-            # The common SYN, parsed and inserted in C (cext/synparse.h); None means
-            # "anything else", left to the Python parser below with nothing counted yet.
+            # The common SYNs, parsed and inserted in C (cext/synparse.h, synbinding.h);
+            # None means "anything else", left to the Python parser below with nothing
+            # counted yet.
             flow = table.record_syn(payload)
+            if type(flow) is str:  # "hmac_refused", counted
+                self.rlog.warning("hmac_refused", "SYN dropped: SRH HMAC missing or wrong")
+                return flow
             if flow is not None:
                 client, client_port, destination, dest_port = flow
                 self._retire_time_wait(client, client_port, destination, dest_port)
@@ -115,11 +131,19 @@ class SynCapture:
             if flags_at >= len(payload) or payload[flags_at] & (TCP_SYN | TCP_ACK) != TCP_SYN:
                 return self._count("not_syn", "TCP packet from [%s]:%s is not a SYN",
                                    info.src, info.sport)
-            srh = info.srh
-            if srh is None:
+            if info.srh is None:
                 return self._count("no_srh", "SYN without SRH from [%s]:%s to [%s]:%s",
                                    info.src, info.sport, info.dst, info.dport,
                                    level=logging.DEBUG)
+            try:
+                # A binding's stacked SRHs become one; HMAC checked (srhstack.py).
+                route = syn_route(info, self.hmac_keyring, self.require_hmac)
+            except HmacRefused as exc:
+                return self._count("hmac_refused", "SYN from [%s]:%s dropped: %s (%s)",
+                                   info.src, info.sport, exc, exc.reason)
+            if route.stacked:
+                table.count("stacked")
+            srh = route.srh
             client = info.src.packed
             destination = srh.final_destination.packed
             self._retire_time_wait(client, info.sport, destination, info.dport)
@@ -128,8 +152,8 @@ class SynCapture:
                 if mark:
                     set_mark(mark)
             # Key as the worker sees it after accept(): peer = client, local = final dest.
-            if table.insert(client, info.sport, destination, info.dport, srh.segments_left,
-                            info.srh_wire):
+            if table.insert(client, info.sport, destination, info.dport, route.segments_left,
+                            route.wire):
                 return "inserts"
             self.rlog.warning("rejected", "SYN from [%s]:%s: SRH of %d bytes is larger than "
                               "the table's %d-byte slots; the worker will reset it", info.src,
@@ -309,9 +333,12 @@ def run_capture(name: str, queue_num: int, table, logger: Optional[logging.Logge
 
 
 # -- the process -----------------------------------------------------------------------
-def run_capture_process(name: str, queue_num: int, table, return_routes=None) -> None:
-    """Post-fork entry point used by the master (which created `table`). Never returns."""
-    code = _process_body(name, queue_num, lambda: table, return_routes)
+def run_capture_process(name: str, queue_num: int, table, return_routes=None,
+                        hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> None:
+    """Post-fork entry point used by the master (which created `table`). Never returns.
+    hmac_keyring is the path of the SRH HMAC key file (read here, at every start)."""
+    code = _process_body(name, queue_num, lambda: table, return_routes, hmac_keyring,
+                         require_hmac)
     _exit(code)
 
 
@@ -324,7 +351,8 @@ def capture_main(name: str, queue_num: int, nslots: int = _srhtable.DEFAULT_SLOT
                          lambda: _srhtable.SrhTable.create(name, nslots, ttl_ms))
 
 
-def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None) -> int:
+def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None,
+                  hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> int:
     parent = os.getppid()
     stop = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -340,7 +368,9 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
         signal.set_wakeup_fd(wake_w)
         table = open_table()
         table.prefault()  # no page faults on the per-SYN path (see SrhTable.prefault)
-        capture = SynCapture(table, queue_num, log, return_routes=return_routes)
+        keyring = HmacKeyring.load(hmac_keyring) if hmac_keyring else None
+        capture = SynCapture(table, queue_num, log, return_routes=return_routes,
+                             hmac_keyring=keyring, require_hmac=require_hmac)
         capture.bind()
         _drop_capabilities()
     except Exception as exc:  # noqa: BLE001 - every boot failure is reported the same way
@@ -361,7 +391,8 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
     counters = table.counters()
     log.info("capture [%s] stopped: %s", name,
              ", ".join(f"{key} {counters[key]}" for key in
-                       ("syn_seen", "inserts", "no_srh", "malformed", "rejected")))
+                       ("syn_seen", "inserts", "no_srh", "malformed", "rejected",
+                        "hmac_refused")))
     return 0
 
 

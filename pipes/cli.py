@@ -75,10 +75,27 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
                          help="parameter bits (decimal or 0x hex) [default: 0]")
     address.add_argument("--function-bits", type=int, default=16)
     address.add_argument("--param-bits", type=int, default=32)
+    # Client and proxy-side helpers that do not talk to the daemon (routehelper.py,
+    # healthserver.py).
+    from . import __version__, healthserver, routehelper
+
+    route = sub.add_parser("route", help="print or install the seg6 route steering a server "
+                                         "through proxies (static or via the controller)")
+    routehelper.add_arguments(route)
+    route.add_argument("--version", action="version", version=f"pipesctl route {__version__}")
+    health = sub.add_parser("serve-health", help="serve this pipesd's health over HTTP for "
+                                                 "the controller's probes")
+    healthserver.add_arguments(health)
+    health.add_argument("--version", action="version",
+                        version=f"pipesctl serve-health {__version__}")
     args = parser.parse_args(argv)
 
     if args.command == "address":
         return print_address(args)
+    if args.command == "route":
+        return routehelper.run(args)
+    if args.command == "serve-health":
+        return healthserver.run(args)
     from .control import ControlError, request
 
     fields = {}

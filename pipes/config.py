@@ -88,6 +88,12 @@ def _optional_path(value: Any) -> str | None:
     return os.path.abspath(text) if text else None
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
 def _paths(value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     return tuple(os.path.abspath(str(item).strip()) for item in items if str(item).strip())
@@ -173,6 +179,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dpi_patterns", "--dpi-patterns", "", _optional_path,
             "pattern file of the dpi function: one pattern per line (\\xHH escapes allowed)",
             "FILE"),
+    Setting("hmac_keyring", "--hmac-keyring", "", _optional_path,
+            "SRH HMAC keys shared with the access routers: lines 'KEYID SECRET' (the "
+            "secret as `ip sr hmac set` takes it); HMACs present are checked, the "
+            "kernel's own check is turned off on this host", "FILE"),
+    Setting("require_hmac", "--require-hmac", False, _flag,
+            "drop SYNs whose SRH naming this proxy has no valid HMAC (needs "
+            "--hmac-keyring)", None),
     Setting("log_level", "--log-level", "info", _choice("debug", "info", "warning", "error"),
             "log verbosity", "LEVEL"),
 )
@@ -211,6 +224,8 @@ class Config:
     modules: tuple[str, ...]
     keyring: str | None
     dpi_patterns: str | None
+    hmac_keyring: str | None
+    require_hmac: bool
     log_level: str
     config_file: str | None = None
     dry_run: bool = False
@@ -219,6 +234,10 @@ class Config:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting; defaults stay None so a config file can fill them."""
     for setting in SETTINGS:
+        if setting.default is False:  # an on/off flag: present means on
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const",
+                                const=True, default=None, help=setting.help)
+            continue
         default = "" if setting.default in (None, "") else f" [default: {setting.default}]"
         parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar,
                             default=None, help=setting.help + default)
@@ -261,4 +280,6 @@ def build_config(cli_values: dict[str, Any]) -> Config:
     values.setdefault("control", system.control_socket(values["name"]))
     if values["locator"].prefixlen + values["function_bits"] + values["param_bits"] > 128:
         raise ConfigError("--locator length + --function-bits + --param-bits exceed 128 bits")
+    if values["require_hmac"] and not values["hmac_keyring"]:
+        raise ConfigError("--require-hmac needs --hmac-keyring (the keys to check with)")
     return Config(**values, config_file=config_file, dry_run=bool(cli_values.get("dry_run")))

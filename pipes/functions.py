@@ -194,3 +194,7 @@ def check_builtin_files(config) -> None:
     if config.keyring:
         vf_crypto.load_keyring(config.keyring)
     load_dpi_patterns(config.dpi_patterns)
+    if config.hmac_keyring:  # the SRH HMAC keys (srhhmac.py)
+        from .srhhmac import HmacKeyring
+
+        HmacKeyring.load(config.hmac_keyring)

@@ -49,6 +49,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 SYSCTL_ROOT = Path("/proc/sys/net/ipv6/conf")
 # Keys of the per-interface settings we change (conf/<if>/<key>).
 SEG6 = "seg6_enabled"
+REQUIRE_HMAC = "seg6_require_hmac"
 FORWARDING = "forwarding"
 MIGRATE_REQ = "net/ipv4/tcp_migrate_req"   # Linux >= 5.14
 
@@ -74,6 +75,10 @@ class KernelConfig:
     table: int = 100
     rule_priority: int = 100
     intercept_cookies: bool = True
+    # pipesd checks SRH HMACs itself (--hmac-keyring): turn the kernel's check off
+    # (seg6_require_hmac=-1), which would drop every HMAC whose key it does not hold and,
+    # with a binding's two stacked SRHs, the client's unsigned one (kernel/README.md).
+    kernel_hmac_off: bool = False
 
     def __post_init__(self):
         if not NAME_RE.match(self.name):
@@ -108,8 +113,9 @@ class KernelConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "KernelConfig":
-        # Fields added since an older pipesd wrote the state file keep their defaults.
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        # Fields added later have defaults: a state file written before them still loads.
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                      if f.name in data or f.default is dataclasses.MISSING})
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -233,11 +239,14 @@ def _interfaces() -> list[str]:
     return sorted(p.name for p in SYSCTL_ROOT.iterdir() if p.name not in ("all", "default"))
 
 
-def _sysctl_wanted() -> list[tuple[str, str]]:
+def _sysctl_wanted(cfg: KernelConfig | None = None) -> list[tuple[str, str]]:
     """(key, value) in the order they are written. A key is a path relative to
     net/ipv6/conf, or, starting with "net/", relative to /proc/sys."""
     wanted = [(f"all/{SEG6}", "1"), (f"default/{SEG6}", "1")]
     wanted += [(f"{iface}/{SEG6}", "1") for iface in _interfaces()]
+    if cfg is not None and cfg.kernel_hmac_off:
+        # Read per interface only (seg6_hmac_validate_skb): default/ for later interfaces.
+        wanted += [(f"{iface}/{REQUIRE_HMAC}", "-1") for iface in ("default", *_interfaces())]
     # Writing all/forwarding also rewrites default/ and every interface's forwarding: remember
     # those too, so that remove() can put back a per-interface value that differed.
     wanted.append((f"all/{FORWARDING}", "1"))
@@ -430,7 +439,7 @@ def plan(cfg: KernelConfig, backend: str | None = None) -> list[str]:
     queue backend of the current namespace, changes nothing.
     """
     backend = backend or queue_backend()
-    lines = [_sysctl_display(key, value) for key, value in _sysctl_wanted()]
+    lines = [_sysctl_display(key, value) for key, value in _sysctl_wanted(cfg)]
     lines.append(f"ip -6 route add local ::/0 dev lo table {cfg.table} proto static")
     lines.append(
         f"ip -6 rule add fwmark {cfg.fwmark:#x}/{cfg.fwmark:#x} lookup {cfg.table} "
@@ -481,7 +490,7 @@ def install(cfg: KernelConfig) -> dict:
     saved: dict[str, list[str]] = {}
     state = {"netns_cookie": netns_cookie(), "config": cfg.to_json(), "backend": backend, "sysctls": saved}
     # Record before writing: a crash between the two must still be recoverable.
-    wanted = _sysctl_wanted()
+    wanted = _sysctl_wanted(cfg)
     for key, value in wanted:
         old = _sysctl_read(key)
         if old is not None:

@@ -53,7 +53,8 @@ def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
     return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
                                     queue_num=config.queue_num, fwmark=config.fwmark,
                                     table=config.route_table, rule_priority=config.rule_priority,
-                                    intercept_cookies=config.syn_cookies == "intercept")
+                                    intercept_cookies=config.syn_cookies == "intercept",
+                                    kernel_hmac_off=bool(config.hmac_keyring))
 
 
 @dataclasses.dataclass
@@ -293,8 +294,10 @@ class Master:
         if new.modules != self.config.modules:
             log.warning("reload: --modules is only read at start; use pipesctl load/unload")
         capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
-                            "fwmark", "return_mode")
+                            "fwmark", "return_mode", "hmac_keyring", "require_hmac")
         capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
+        # The HMAC key file may have changed under the same name: the capture re-reads it.
+        capture_changed = capture_changed or bool(new.hmac_keyring)
         if new_kernel != self.kernel_installed or new.return_mode != self.config.return_mode:
             try:
                 self.remove_kernel_state()
@@ -379,7 +382,8 @@ class Master:
                                              self.kernel_installed.rule_priority,
                                              config.return_mode, plan)
         self.fork(child, lambda: run_capture_process(config.name, config.queue_num,
-                                                     self.srh_table, routes))
+                                                     self.srh_table, routes,
+                                                     config.hmac_keyring, config.require_hmac))
 
     def spawn_generation(self) -> None:
         self.generation += 1

@@ -376,6 +376,10 @@ class PacketInfo(NamedTuple):
     dport: Optional[int]
     # The SRH exactly as it was on the wire (the capture stores it without re-encoding).
     srh_wire: Optional[bytes] = None
+    # A second SRH right behind the first: an access router's End.B6 binding inserted
+    # ``srh`` in front of the client's own header, which is this one (see srhstack.py).
+    inner_srh: Optional[SRH] = None
+    inner_srh_wire: Optional[bytes] = None
 
 
 def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
@@ -383,7 +387,9 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
 
     Called by the capture process on each queued SYN. Walks hop-by-hop, routing,
     fragment and destination-options headers; a routing header of type 4 is decoded into
-    ``srh``, other routing types are skipped. After a non-first fragment the upper-layer
+    ``srh``, other routing types are skipped. Two SRHs may follow each other directly
+    (an End.B6 binding inserts its SRH in front of the client's): the first is ``srh``,
+    the second ``inner_srh``; any other second routing header is an error. After a non-first fragment the upper-layer
     header is absent: ``proto`` is the fragment's next header, ``l4_offset`` the start of
     the fragment data and the ports are None. Bytes beyond the IPv6 payload length (link
     padding) are ignored; jumbograms (payload length 0) are not supported. Raises
@@ -406,7 +412,9 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
 
     srh = None
     srh_wire = None
+    inner = inner_wire = None
     seen_routing = False
+    previous_was_srh = False
     offset = IPV6_HEADER_LENGTH
     fragmented = False
     for count in range(MAX_EXTENSION_HEADERS + 1):
@@ -423,13 +431,22 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
             if header_end > end:
                 raise SRHError(f"extension header {next_header} at offset {offset} runs to "
                                f"{header_end}, past the payload end {end}")
+            is_srh = False
             if next_header == IPPROTO_ROUTING:
+                is_srh = data[offset + 2] == ROUTING_TYPE_SRH
                 if seen_routing:
-                    raise SRHError(f"second routing header at offset {offset}")
-                seen_routing = True
-                if data[offset + 2] == ROUTING_TYPE_SRH:
-                    srh_wire = bytes(data[offset:header_end])
-                    srh = SRH.parse(srh_wire)
+                    # Only an SRH stacked directly behind the first SRH is allowed.
+                    if not (previous_was_srh and is_srh and inner is None):
+                        raise SRHError(f"extra routing header at offset {offset}: only an "
+                                       f"SRH directly behind the first SRH is accepted")
+                    inner_wire = bytes(data[offset:header_end])
+                    inner = SRH.parse(inner_wire)
+                else:
+                    seen_routing = True
+                    if is_srh:
+                        srh_wire = bytes(data[offset:header_end])
+                        srh = SRH.parse(srh_wire)
+            previous_was_srh = is_srh
             next_header = data[offset]
             offset = header_end
         elif next_header == IPPROTO_FRAGMENT:
@@ -452,4 +469,4 @@ def find_srh(packet: Union[bytes, bytearray, memoryview]) -> PacketInfo:
     if not fragmented and next_header in (IPPROTO_TCP, IPPROTO_UDP) and offset + 4 <= end:
         sport, dport = _PORTS.unpack_from(data, offset)
     return PacketInfo(src, dst, srh, next_header, offset, sport, dport,
-                      srh_wire if srh is not None else None)
+                      srh_wire if srh is not None else None, inner, inner_wire)

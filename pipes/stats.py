@@ -33,6 +33,7 @@ WORKER_COUNTERS = (
     "onward_failed",       # could not create/bind/connect the onward socket
     "accept_errors",
     "fd_exhausted",        # EMFILE/ENFILE on accept or on the onward socket
+    "hmac_refused",        # saved-SYN fallback: SRH HMAC missing (--require-hmac) or wrong
 )
 WORKER_INDEX = {name: index for index, name in enumerate(WORKER_COUNTERS)}
 RESERVED_WORKER_WORDS = 32

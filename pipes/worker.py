@@ -44,6 +44,8 @@ from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, Funct
                         UnknownFunction, configure_builtins)
 from .ratelimit import RateLimitedLogger
 from .srh import SRH, SRHError, find_srh
+from .srhhmac import HmacKeyring, HmacRefused
+from .srhstack import syn_route
 from .stats import WorkerRegion
 
 SAVED_SYN_MAX = 1024  # IPv6 + SRH + TCP headers of a SYN: SRHs of up to ~55 segments
@@ -130,11 +132,14 @@ def locate_own_segment(srh: SRH, plan: AddressPlan) -> SRH:
 
 
 def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
-                  stats: WorkerRegion, max_segments: int = 32) -> Route:
+                  stats: WorkerRegion, max_segments: int = 32,
+                  hmac_keyring=None, require_hmac: bool = False) -> Route:
     """Steps 2-3: the SRH of this connection and our segment's function + parameters.
 
     table_entry is (original segments-left, SRH bytes) or None; saved_syn is only read on
-    a miss. Pure logic apart from counters, so it is unit tested without a network.
+    a miss, and its SRH passes the same HMAC check and binding flattening as in the
+    capture (srhstack.syn_route). Pure logic apart from counters, so it is unit tested
+    without a network.
     """
     if table_entry is not None:
         stats.add("table_hits")
@@ -153,7 +158,13 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
             raise Rejected("malformed_srh", f"malformed saved SYN: {exc}") from None
         if info.srh is None:
             raise Rejected("no_srh", "the SYN carried no SRH")
-        srh = locate_own_segment(info.srh, plan)
+        try:
+            acted_on = syn_route(info, hmac_keyring, require_hmac).srh
+        except HmacRefused as exc:
+            raise Rejected("hmac_refused", f"saved SYN: {exc}") from None
+        except SRHError as exc:
+            raise Rejected("malformed_srh", f"saved SYN: {exc}") from None
+        srh = locate_own_segment(acted_on, plan)
         stats.add("saved_syn_fallbacks")
         segments_left, wire = srh.segments_left, srh.to_bytes()
     last_entry = wire[4]
@@ -194,6 +205,7 @@ class Worker:
         # shares its slot; that can only delay the old one's deinit.)
         self.module_slots: dict[str, list[int]] = {}
         self.plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
+        self.hmac_keyring = None  # loaded in init_process (the file is re-read per worker)
         self.listener: socket.socket | None = None
         self.relay = None
         self.stopping_since: float | None = None
@@ -241,6 +253,8 @@ class Worker:
                                 config.timeout_server, config.timeout_client_fin,
                                 config.timeout_server_fin)
         configure_builtins(self.config)
+        if self.config.hmac_keyring:
+            self.hmac_keyring = HmacKeyring.load(self.config.hmac_keyring)
         for path, slots in self.boot_modules:
             try:
                 self.load_module(path, slots)
@@ -336,7 +350,8 @@ class Worker:
             syn = None
             if entry is None:
                 syn = saved_syn(client, SAVED_SYN_MAX)
-            route = resolve_route(entry, syn, self.plan, self.stats, self.config.max_segments)
+            route = resolve_route(entry, syn, self.plan, self.stats, self.config.max_segments,
+                                  self.hmac_keyring, self.config.require_hmac)
             try:
                 function = self.registry.by_id(route.function_id)
             except UnknownFunction as exc:

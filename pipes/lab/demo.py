@@ -8,6 +8,8 @@ P2 xor 42] (P1 scrambles the bytestream, P2 unscrambles it, so S gets a valid HT
 and C gets the original file), [compress, decompress], [encrypt, decrypt], then the
 example C module vf_caesar loaded into the running daemons ([caesar 7, uncaesar 7]), and
 [identity, identity] (recv/send, then splice for bulk). It prints what each side saw.
+Then the control plane (controldemo.py): controller, DNS, access routers, policy, edge
+and HMAC refusals, failover.
 """
 from __future__ import annotations
 
@@ -101,6 +103,10 @@ def main() -> int:
                 proxy.stop()
             server.stop()
     print("\ntestbed torn down: namespaces deleted, pipesd removed its kernel state")
+    from .controldemo import run as control_plane_demo
+
+    ok &= control_plane_demo()
+    print("\ntestbeds torn down")
     print("DEMO OK" if ok else "DEMO FAILED")
     return 0 if ok else 1
 

@@ -25,7 +25,8 @@ link subnets are routed too so that ICMPv6 errors (packet too big) from routers 
 
 Topologies: ``line`` chains c, p1..pN, s (``proxies=0``: c - r - s); ``star`` hangs every
 host off the router r (off-path proxies: the server's replies must be steered back through
-the proxy, see :meth:`Testbed.steer`). Only locators and the hosts' /64s are routed: a
+the proxy, see :meth:`Testbed.steer`); ``campus`` is the control-plane lab (two clients
+behind two access routers, three proxies, a controller host, see CAMPUS_LINKS). Only locators and the hosts' /64s are routed: a
 seg6local behaviour on a router should use an address of its own /64 (e.g. fd00:f::e on r),
 because the kernel looks the route up again for the first segment after inserting an SRH.
 
@@ -60,7 +61,20 @@ log = logging.getLogger(__name__)
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 LOCATOR_LEN = 80
-TOPOLOGIES = ("line", "star")
+TOPOLOGIES = ("line", "star", "campus")
+# The control-plane lab (``topology="campus"``, the number of proxies is always 3)::
+#
+#   c1 (staff) --- a1 --+               +--- p1   p2 (off-path: first functions)
+#   c2 (students) - a2 -+--- r (core) --+--- ctl (controller, DNS)
+#                                       +--- p3 --- s (on the servers' path)
+#
+# a1/a2 are access routers (their binding blocks sit in their own /64s), p1/p2 two proxies
+# offering the same functions (failover), p3 the proxy in front of the server.
+CAMPUS_LINKS = (("c1", "a1"), ("c2", "a2"), ("a1", "r"), ("a2", "r"), ("p1", "r"),
+                ("p2", "r"), ("ctl", "r"), ("r", "p3"), ("p3", "s"))
+NAMED_ADDRESSES = {"c": "fd00:c::1", "s": "fd00:d::1", "r": "fd00:f::1", "c1": "fd00:c1::1",
+                   "c2": "fd00:c2::1", "a1": "fd00:a1::1", "a2": "fd00:a2::1",
+                   "ctl": "fd00:e::1"}
 # Written in every namespace before any interface exists, so veths inherit them (default/).
 SYSCTLS = (
     ("ipv6/conf/all/accept_dad", "0"),
@@ -268,6 +282,8 @@ class Testbed:
             raise ValueError(f"topology {topology!r}: choose one of {TOPOLOGIES}")
         if not isinstance(proxies, int) or proxies < 0:
             raise ValueError(f"proxies={proxies!r}: need an integer >= 0")
+        if topology == "campus":
+            proxies = 3
         if not 1280 <= mtu <= 65535:
             raise ValueError(f"mtu={mtu}: IPv6 needs 1280..65535")
         self.proxies = proxies
@@ -290,6 +306,14 @@ class Testbed:
         return [f"p{i}" for i in range(1, self.proxies + 1)]
 
     def _layout(self) -> None:
+        if self.topology == "campus":
+            names = list(dict.fromkeys(name for link in CAMPUS_LINKS for name in link))
+            self.links = list(CAMPUS_LINKS)
+            for name in names:
+                self.hosts[name] = Host(name, f"{self.prefix}-{name}", _main_address(name),
+                                        _locator(name))
+            self._number_links()
+            return
         names = ["c", *self.proxy_names, "s"]
         if self.topology == "star" or self.proxies == 0:
             names.insert(1 if self.topology == "line" else 0, "r")
@@ -299,6 +323,9 @@ class Testbed:
             self.links = list(zip(names, names[1:]))
         else:
             self.links = [("r", name) for name in names if name != "r"]
+        self._number_links()
+
+    def _number_links(self) -> None:
         for k, (a, b) in enumerate(self.links):
             net = IPv6Network(f"fd01:{k:x}::/64")
             addr_a, addr_b = net[1], net[2]
@@ -497,12 +524,8 @@ class Testbed:
 
 
 def _main_address(name: str) -> IPv6Address:
-    if name == "c":
-        return IPv6Address("fd00:c::1")
-    if name == "s":
-        return IPv6Address("fd00:d::1")
-    if name == "r":
-        return IPv6Address("fd00:f::1")
+    if name in NAMED_ADDRESSES:
+        return IPv6Address(NAMED_ADDRESSES[name])
     return IPv6Address(f"fd00:1:{int(name[1:])}::1")
 
 
