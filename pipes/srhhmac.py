@@ -40,6 +40,7 @@ import struct
 from typing import Mapping, NamedTuple, Optional, Union
 
 from .srh import SRH, TLV
+from . import trust
 
 __all__ = [
     "HMAC_FLAG",
@@ -137,14 +138,18 @@ class HmacKeyring:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "HmacKeyring":
-        """Reads a key file, refusing one that others can read or write (it holds secrets)."""
+        """Reads a key file, refusing one that others can read or write (it holds secrets),
+        or that sits where others could swap it (trust.py)."""
         try:
-            info = os.stat(path)
+            resolved = trust.check_trusted(os.fspath(path), secret=True)
+            info = os.stat(resolved)
             if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
                 raise HmacError(f"HMAC key file {path} is readable or writable by others "
                                 f"(mode {stat.S_IMODE(info.st_mode):o}); chmod 600 it")
-            with open(path, encoding="ascii") as handle:
+            with open(resolved, encoding="ascii") as handle:
                 text = handle.read()
+        except trust.UntrustedFile as exc:
+            raise HmacError(f"HMAC key file refused: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise HmacError(f"cannot read HMAC key file {path}: {exc}") from None
         keyring = cls.parse(text, where=str(path))

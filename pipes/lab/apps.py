@@ -3,8 +3,10 @@ pipesd itself and lighttpd. Each start function waits until the program is ready
 and returns something the caller stops; Testbed teardown kills whatever is left."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,26 @@ import tempfile
 import time
 
 READY_TIMEOUT = 15.0
+# pipesd refuses keys, patterns and modules in folders others can change (/tmp included):
+# the lab keeps its files under /run, in folders only root can write.
+LAB_FILES = "/run/srv6pipes-lab"
+
+
+@contextlib.contextmanager
+def private_files(prefix: str):
+    """A fresh folder only root can change, for the lab's key and content files; removed
+    with everything in it when the with-body ends."""
+    os.makedirs(LAB_FILES, mode=0o755, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=prefix, dir=LAB_FILES)
+    os.chmod(folder, 0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rmdir(LAB_FILES)
+        except OSError:
+            pass
 
 
 class LabError(RuntimeError):

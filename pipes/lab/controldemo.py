@@ -24,12 +24,11 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 
 from .. import srhhmac
 from ..srh import SRH
-from .apps import Lighttpd
+from .apps import Lighttpd, private_files
 from .campus import ROUTERS, CampusLab
 from .testbed import Testbed
 
@@ -70,7 +69,12 @@ def _answer_lines(dig_output: str) -> list[str]:
 
 def run() -> bool:
     """Runs the control-plane demo; returns True when every step did what it should."""
-    workdir = tempfile.mkdtemp(prefix="sp-ctl-demo-")
+    # Key files must be in a folder only root can change (pipesd refuses them elsewhere).
+    with private_files("ctl-demo-") as workdir:
+        return _run(workdir)
+
+
+def _run(workdir: str) -> bool:
     docroot = os.path.join(workdir, "www")
     os.mkdir(docroot)
     payload = os.urandom(FILE_SIZE)

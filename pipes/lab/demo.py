@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 
 from ..addressplan import AddressPlan
-from .apps import Lighttpd, Pipesd
+from .apps import Lighttpd, Pipesd, private_files
 from ..modules import module_path
 from .testbed import Testbed
 
@@ -53,10 +53,27 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the demo builds network namespaces: run it as root", file=sys.stderr)
         return 2
-    docroot = tempfile.mkdtemp(prefix="sp-demo-")
-    keyring = os.path.join(tempfile.mkdtemp(prefix="sp-demo-keys-"), "keyring")
+    # pipesd refuses keys and modules others could have changed: the demo's live in a
+    # root-only folder (a checkout under /tmp would not do).
+    with private_files("demo-") as files:
+        ok = data_path_demo(files)
+    from .controldemo import run as control_plane_demo
+
+    ok &= control_plane_demo()
+    print("\ntestbeds torn down")
+    print("DEMO OK" if ok else "DEMO FAILED")
+    return 0 if ok else 1
+
+
+def data_path_demo(files: str) -> bool:
+    """C -> P1 -> P2 -> S with pairs of functions that undo each other; True if all went
+    as it should."""
+    docroot = os.path.join(files, "www")
+    os.mkdir(docroot)
+    keyring = os.path.join(files, "keyring")
     with open(os.open(keyring, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         handle.write(f"{KEY_ID} {os.urandom(32).hex()}\n")
+    caesar = shutil.copy(module_path("vf_caesar"), files)
     payload = os.urandom(FILE_SIZE // 2) + b"compressible text " * (FILE_SIZE // 36)
     with open(os.path.join(docroot, "file.bin"), "wb") as handle:
         handle.write(payload)
@@ -74,12 +91,11 @@ def main() -> int:
             url = f"http://[{s.addr}]/file.bin"
             for first, second, params, first_id, second_id in CHAINS:
                 if first == "caesar":
-                    print(f"\n== pipesctl load {module_path('vf_caesar')}  (on P1 and P2, "
-                          "while they run)")
+                    print(f"\n== pipesctl load {caesar}  (on P1 and P2, while they run)")
                     for name, proxy in proxies.items():
-                        loaded = json.loads(proxy.ctl("load", module_path("vf_caesar")).stdout)
-                        print(f"   {name.upper()}: module {loaded['module']} loaded in workers "
-                              f"{loaded['workers']}: " + ", ".join(
+                        loaded = json.loads(proxy.ctl("load", caesar).stdout)
+                        print(f"   {name.upper()}: module {loaded['module']} loaded in "
+                              f"{loaded['workers']} workers: " + ", ".join(
                                   f"{f['name']} ({f['id']:#x})" for f in loaded["functions"]))
                 segments = [AddressPlan(tb.locator("p1")).encode(first_id, params),
                             AddressPlan(tb.locator("p2")).encode(second_id, params)]
@@ -103,12 +119,7 @@ def main() -> int:
                 proxy.stop()
             server.stop()
     print("\ntestbed torn down: namespaces deleted, pipesd removed its kernel state")
-    from .controldemo import run as control_plane_demo
-
-    ok &= control_plane_demo()
-    print("\ntestbeds torn down")
-    print("DEMO OK" if ok else "DEMO FAILED")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

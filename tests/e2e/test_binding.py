@@ -33,14 +33,14 @@ BSID = BLOCKS["a1"][1]
 
 
 @pytest.fixture(scope="module")
-def campus(tmp_path_factory):
+def campus(trusted_path_factory):
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests build network namespaces: run as root")
     from srv6pipes.lab.testbed import Testbed
 
     with Testbed(topology="campus") as tb:
         # p2 runs no pipesd: the kernel-only test below uses it.
-        lab = Campus(tb, str(tmp_path_factory.mktemp("campus")), f"b{os.getpid()}",
+        lab = Campus(tb, str(trusted_path_factory.mktemp("campus")), f"b{os.getpid()}",
                      proxies=("p1", "p3"))
         try:
             yield lab

@@ -32,12 +32,12 @@ HOSTS = ("a1", "a2", "p1", "p2", "p3", "ctl", "c1", "c2")
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(trusted_path_factory):
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests build network namespaces: run as root")
     with testbed.Testbed(topology="campus") as tb:
         before = {name: kernel_snapshot(tb.hosts[name]) for name in HOSTS}
-        workdir = str(tmp_path_factory.mktemp("campus"))
+        workdir = str(trusted_path_factory.mktemp("campus"))
         campus = CampusLab(tb, workdir, f"cp{os.getpid() % 100000}")
         echo = EchoServer(tb.hosts["s"])
         try:

@@ -92,15 +92,20 @@ def test_sign_keeps_other_tlvs_and_puts_the_hmac_last():
     assert srhhmac.hmac_field(signed).key_id == 8
 
 
-def test_keyring_file(tmp_path):
-    path = tmp_path / "keys"
+def test_keyring_file(trusted_path, tmp_path):
+    path = trusted_path / "keys"
     path.write_text("# access routers\n7 secretsecret\n0x10 " + "x" * 64 + "  # longest\n")
     path.chmod(0o600)
     keyring = HmacKeyring.load(path)
     assert keyring.keys == {7: b"secretsecret", 16: b"x" * 64}
     path.chmod(0o644)
-    with pytest.raises(HmacError, match="readable or writable by others"):
+    with pytest.raises(HmacError, match="readable by others"):
         HmacKeyring.load(path)
+    swappable = tmp_path / "keys"         # in /tmp: others could put their own there
+    swappable.write_text("7 secretsecret\n")
+    swappable.chmod(0o600)
+    with pytest.raises(HmacError, match="writable by group or others"):
+        HmacKeyring.load(swappable)
 
 
 @pytest.mark.parametrize("text, message", [
