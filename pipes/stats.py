@@ -31,6 +31,7 @@ WORKER_COUNTERS = (
     "not_our_segment",     # the active segment is outside our locator
     "unknown_function",
     "onward_failed",       # could not create/bind/connect the onward socket
+    "onward_waited",       # connected after waiting for the previous connection to close
     "accept_errors",
     "fd_exhausted",        # EMFILE/ENFILE on accept or on the onward socket
     "hmac_refused",        # saved-SYN fallback: SRH HMAC missing (--require-hmac) or wrong

@@ -35,9 +35,9 @@ import socket
 import struct
 import time
 
-from . import _relay, messages, system, vfmodules
-from ._sockops import (accept_connection, connect_onward, reset_and_close, saved_syn,
-                       set_keepalive)
+from . import _relay, messages, onward, system, vfmodules
+from ._sockops import accept_connection, reset_and_close, saved_syn, set_keepalive
+from .onward import TupleBusy
 from .addressplan import AddressError, AddressPlan
 from .config import Config
 from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, FunctionRegistry,
@@ -211,6 +211,7 @@ class Worker:
         self.stopping_since: float | None = None
         self.spare_fd: int | None = None
         self.rlog = RateLimitedLogger(log)
+        self.parked: list[list] = []    # flows waiting for their onward tuple (park)
 
     # -- process set-up -------------------------------------------------------------
     def run(self) -> None:
@@ -279,7 +280,9 @@ class Worker:
         relay = self.relay
         stats = self.stats
         while True:
-            ready = relay.poll(200)
+            ready = relay.poll(int(onward.RETRY_INTERVAL * 1000) if self.parked else 200)
+            if self.parked:
+                self.retry_parked()
             stats.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
             if ready & _relay.WATCHED_READY:
                 self.handle_control()
@@ -293,7 +296,7 @@ class Worker:
                     self.accept_burst()
                     self.listener.close()  # epoll forgets it
                     self.listener = None
-                if relay.active_flows == 0:
+                if relay.active_flows == 0 and not self.parked:
                     return
                 if time.monotonic() - self.stopping_since > self.config.drain_timeout:
                     log.warning("worker %d: drain timeout, resetting %d flows",
@@ -356,9 +359,12 @@ class Worker:
                 function = self.registry.by_id(route.function_id)
             except UnknownFunction as exc:
                 raise Rejected("unknown_function", str(exc)) from None
-            # Step 4; on failure it has closed its own socket.
-            server = connect_onward(client_addr, client_port, dest_addr, dest_port,
-                                    route.onward)
+            # Step 4 (onward.py); on failure it has closed its own socket.
+            server = onward.connect(client_addr, client_port, dest_addr, dest_port,
+                                         route.onward)
+        except TupleBusy:
+            self.park(client, client_addr, client_port, dest_addr, dest_port, route, function)
+            return
         except Rejected as rejected:
             self.stats.add(rejected.counter)
             self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s",
@@ -372,13 +378,57 @@ class Worker:
                               address_text(client_addr), client_port, exc)
             reset_and_close(client)
             return
-        # Step 5: the relay owns both descriptors from here, whatever add_flow does.
+        self.start_relay(client, server, client_addr, client_port, dest_addr, dest_port, route,
+                         function)
+
+    def start_relay(self, client: int, server: int, client_addr: bytes, client_port: int,
+                    dest_addr: bytes, dest_port: int, route: "Route", function) -> None:
+        """Step 5: the relay owns both descriptors from here, whatever add_flow does."""
         if function.kind != KIND_SPLICE:  # spawn gets the flow's addresses
             flow = (client_addr, client_port, dest_addr, dest_port, route.function_address)
             self.relay.add_flow(client, server, function.slot, function.address,
                                 function.python, route.params, flow)
         else:
             self.relay.add_flow(client, server, function.slot)
+
+    # -- flows waiting for their onward 4-tuple (onward.py) ----------------------------
+    def park(self, client: int, *flow) -> None:
+        """The onward tuple is still closing: retry every RETRY_INTERVAL (retry_parked)."""
+        if len(self.parked) >= onward.MAX_PARKED:
+            self.stats.add("onward_failed")
+            self.rlog.warning("onward_failed", "reset %s:%d: too many flows waiting for "
+                              "their onward tuple", address_text(flow[0]), flow[1])
+            reset_and_close(client)
+            return
+        now = time.monotonic()
+        self.parked.append([now + onward.RETRY_FOR, client, *flow])
+
+    def retry_parked(self) -> None:
+        """Called every loop turn while flows are parked: connect those whose tuple freed."""
+        now = time.monotonic()
+        waiting = []
+        for item in self.parked:
+            deadline, client, client_addr, client_port, dest_addr, dest_port, route, function = item
+            try:
+                server = onward.connect(client_addr, client_port, dest_addr, dest_port,
+                                             route.onward)
+            except TupleBusy:
+                if now < deadline:
+                    waiting.append(item)
+                    continue
+                error = "its previous connection on this tuple did not close in time"
+            except OSError as exc:
+                error = str(exc)
+            else:
+                self.stats.add("onward_waited")
+                self.start_relay(client, server, client_addr, client_port, dest_addr, dest_port,
+                                 route, function)
+                continue
+            self.stats.add("onward_failed")
+            self.rlog.warning("onward_failed", "reset %s:%d: onward connection failed: %s",
+                              address_text(client_addr), client_port, error)
+            reset_and_close(client)
+        self.parked = waiting
 
     # -- modules and the master's requests -------------------------------------------
     def load_module(self, path: str, slots: dict[str, int]) -> vfmodules.LoadedModule:
