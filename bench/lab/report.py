@@ -62,7 +62,10 @@ def fmt_value(sample):
         rps = sample["requests_per_second"]
         text += f", {rps / 1000:.1f}k req/s" if rps >= 1000 else f", {rps:.0f} req/s"
     if sample.get("errors"):
-        text += " (errors!)"
+        # A client error is a failed request (a reset or a cut response): the row failed,
+        # whatever its speed.
+        text = "FAILED (" + ", ".join(f"{k} {v}" for k, v in sample["errors"].items()) + \
+            " client errors) " + text
     if disturbed(sample):
         text += " (disturbed)"
     return text

@@ -246,3 +246,238 @@ def test_after_stop_routed_connections_from_the_same_client_port_work_at_once(li
         sock.close()
         assert time.monotonic() - started < 1.0
     assert "retired 5 TIME_WAIT sockets" in proxy.log()
+
+
+# -- 1. the control socket: no message stops the daemon -------------------------------------
+VALID = [b'{"cmd":"ping"}', b'{"cmd":"functions"}', b'{"cmd":"unload","module":"none"}',
+         b'{"cmd":"load","path":"/nonexistent/x.so"}', b'{"cmd":"stats"}', b'{"cmd":[1]}',
+         b'{"cmd":"ping","id":7}']   # (no reload: one byte off it would really reload)
+
+
+def random_message(rng: random.Random) -> bytes:
+    """A valid request, a mutation of one (flipped, cut, repeated or inserted bytes), random
+    JSON, or random bytes; never a newline (one message per line)."""
+    kind = rng.random()
+    if kind < 0.05:
+        return VALID[rng.randrange(len(VALID))]
+    if kind < 0.55:
+        data = bytearray(VALID[rng.randrange(len(VALID))])
+        for _ in range(rng.randint(1, 4)):
+            where = rng.randrange(len(data))
+            action = rng.randrange(4)
+            if action == 0:
+                data[where] = rng.randrange(256)
+            elif action == 1:
+                del data[where:where + rng.randint(1, 5)]
+            elif action == 2:
+                data[where:where] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            else:
+                data[where:where] = data[:rng.randint(1, 20)]
+            if not data:
+                data = bytearray(b"{")
+    elif kind < 0.8:
+        value = rng.choice([None, True, 1, -1, 2**70, 1.5, "x" * rng.randint(0, 300), [], {},
+                            {"cmd": rng.choice(["ping", "load", "", 5, None])},
+                            {"cmd": "load", "path": rng.choice([5, "", "a" * 5000, ["x"]])},
+                            {"cmd": "unload", "module": {"a": 1}},
+                            [[[[[]]]]], {"cmd": "stats", "id": rng.choice([-1, 2**60, "1"])}])
+        data = bytearray(json.dumps(value).encode())
+    else:
+        data = bytearray(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+    return bytes(data).replace(b"\n", b" ")
+
+
+def test_100k_random_and_mutated_control_messages_leave_the_daemon_serving(line):
+    tb, lab = line
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("fuzz"), workers=2)
+    try:
+        pids = sorted(w["pid"] for w in proxy.stats()["workers"])
+        rng = random.Random(20261202)
+        replies = 0
+        for batch in range(100):                 # 100 connections x 1,000 messages
+            messages = [random_message(rng) for _ in range(1000)]
+            with tb.hosts["p1"].enter():
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with sock:
+                sock.settimeout(20)
+                sock.connect(proxy.control)
+                sock.sendall(b"\n".join(messages) + b"\n")
+                sock.shutdown(socket.SHUT_WR)
+                data = bytearray()
+                while True:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        break
+                    data += chunk
+            lines = data.splitlines()
+            assert len(lines) == len(messages), f"batch {batch}: {len(lines)} replies"
+            for message, reply_line in zip(messages, lines):
+                reply = json.loads(reply_line)
+                assert isinstance(reply, dict) and type(reply["ok"]) is bool, reply
+                if not reply["ok"]:
+                    assert isinstance(reply["error"], str) and reply["error"], reply
+            replies += len(lines)
+        assert replies == 100_000
+        # An endless line is refused and its connection closed; the daemon goes on.
+        with tb.hosts["p1"].enter():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(10)
+            sock.connect(proxy.control)
+            try:
+                sock.sendall(b"x" * (1 << 20))
+            except OSError:
+                pass
+            assert b"longer than" in sock.recv(4096)
+        stats = proxy.stats()
+        assert sorted(w["pid"] for w in stats["workers"]) == pids    # no worker replaced
+        assert stats["control"]["refused"] > 50_000
+        assert roundtrip_ok(lab, tb)
+        assert proxy.proc.poll() is None
+    finally:
+        proxy.stop()
+
+
+# -- 2. root runs no code and reads no key from files others control --------------------------
+EVIL_MODULE = """\
+import os
+open(os.path.join(os.path.dirname(__file__), "ran"), "w").write("module code ran as root")
+from srv6pipes.vfapi import Function
+FUNCTIONS = [Function(0x666, "evil", lambda ctx, d, data, eof: data)]
+"""
+
+
+def as_nobody(host, command: str):
+    """Runs a shell command in host as the unprivileged user nobody (setpriv)."""
+    return host.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     "sh", "-c", command], check=False)
+
+
+def test_modules_and_keys_that_others_control_are_refused(line, trusted_path):
+    import shutil
+
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("trust"), workers=1)
+    shared = trusted_path / "shared"                  # like /tmp: anyone may write here
+    shared.mkdir()
+    shared.chmod(0o1777)
+    try:
+        # The attacker, nobody, drops a module into the shared folder.
+        made = as_nobody(p1, f"cat > {shared}/evil.py <<'EOF'\n{EVIL_MODULE}EOF\n")
+        assert made.returncode == 0, made.stderr
+        # A module nobody owns in root's folder, and nobody's symlink to a root module.
+        owned_by_nobody = trusted_path / "theirs.py"
+        shutil.copy(shared / "evil.py", owned_by_nobody)
+        os.chown(owned_by_nobody, 65534, 65534)
+        good = trusted_path / "good.py"
+        good.write_text(EVIL_MODULE.replace("0x666", "0x667").replace('"evil"', '"good"'))
+        link = trusted_path / "link.py"
+        link.symlink_to(good)
+        os.chown(link, 65534, 65534, follow_symlinks=False)
+        cases = {shared / "evil.py": f"{shared}: directory writable by group or others",
+                 owned_by_nobody: "file not owned by root",
+                 link: "symbolic link not owned by root",
+                 "/tmp/evil.py": "/tmp: directory writable by group or others"}
+        for path, reason in cases.items():
+            result = proxy.ctl("load", str(path), check=False)
+            assert result.returncode != 0 and "refused" in result.stderr, result.stderr
+            assert reason in result.stderr, result.stderr
+        assert not (shared / "ran").exists() and not (trusted_path / "ran").exists(), \
+            "untrusted module code ran as root"
+        # The same code where only root writes loads, from a pinned private copy.
+        mine = trusted_path / "mine.py"
+        shutil.copy(shared / "evil.py", mine)
+        loaded = json.loads(proxy.ctl("load", str(mine)).stdout)
+        assert len(loaded["sha256"]) == 64
+        # A keyring reached through nobody's symlink in the shared folder stops the start.
+        keys = trusted_path / "keyring"
+        keys.write_text("1 " + "ab" * 32 + "\n")
+        keys.chmod(0o600)
+        assert as_nobody(p1, f"ln -s {keys} {shared}/keyring").returncode == 0
+        from srv6pipes.lab.apps import LabError
+
+        with pytest.raises(LabError, match="keyring refused"):
+            Pipesd(p1, tb.locator("p1"), name_for("trustkeys"), workers=1,
+                   extra=("--keyring", f"{shared}/keyring"))
+    finally:
+        proxy.stop()
+
+
+# -- 8. the rare resets of short connections: the onward 4-tuple still closing ----------------
+def reconnect_from(lab, tb, port, source_port):
+    """One connection through P1 from C:source_port; returns the greeting (EOF read)."""
+    from tests.e2e.e2ekit import read_to_eof
+
+    sock = lab.connect([identity(tb)], port=port, source_port=source_port, timeout=10)
+    return read_to_eof(sock)
+
+
+def test_a_client_port_reused_while_the_server_leg_still_closes(line):
+    """The cause of the rare resets: the client's leg ends when P1 has acknowledged its FIN,
+    the server leg one round trip later. A client reusing its port at once found the
+    onward 4-tuple still taken (EADDRNOTAVAIL) and was reset. Here S loses P1's FIN for a
+    while (the server leg stays in LAST_ACK): the new flow waits for the tuple, then goes."""
+    from tests.e2e.e2ekit import CLOSE_PORT
+
+    tb, lab = line
+    s = tb.hosts["s"]
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("reuse"), workers=1)
+    try:
+        assert reconnect_from(lab, tb, CLOSE_PORT, 31801).startswith(b"fd00")
+        s.run("nft add table inet lossy; nft add chain inet lossy in "
+              "'{ type filter hook input priority 0; }'; "
+              f"nft add rule inet lossy in tcp dport {CLOSE_PORT} 'tcp flags & fin == fin' drop")
+        # S closes first (greeting), C reads to EOF and closes: P1's FIN toward S is lost.
+        assert reconnect_from(lab, tb, CLOSE_PORT, 31802).startswith(b"fd00")
+        timer = threading.Timer(0.15, lambda: s.run("nft delete table inet lossy"))
+        timer.start()
+        try:
+            assert reconnect_from(lab, tb, CLOSE_PORT, 31802).startswith(b"fd00")
+        finally:
+            timer.join()
+        worker = proxy.stats()["totals"]["worker"]
+        assert worker.get("onward_waited", 0) >= 1, worker
+        assert worker.get("onward_failed", 0) == 0, worker
+    finally:
+        s.run("nft delete table inet lossy", check=False)
+        proxy.stop()
+
+
+# -- 5. a SYN flood does not keep legitimate clients out -----------------------------------------
+def test_a_spoofed_syn_flood_leaves_legitimate_clients_in(line, tmp_path):
+    """A small flood (the 20k SYN/s one is bench/run_flood.py): spoofed SYNs toward the
+    function address overflow the listeners' SYN queues, the kernel answers with cookies,
+    and the cookie program hands their ACKs to the listener. Garbage SRHs are dropped by
+    the capture before they take a place in a SYN queue."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "bench"))
+    from lab.flood import Flood, probe, spoofed_routes
+    from srv6pipes.lab.apps import Lighttpd
+    from srv6pipes.srh import SRH
+
+    tb, lab = line
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "1k").write_bytes(os.urandom(1024))
+    server = Lighttpd(tb.hosts["s"], str(www), port=80, access_log=False)
+    # A small SYN queue so that a small flood overflows it (the listen backlog is capped by
+    # somaxconn), as 20k SYN/s overflow the default one.
+    tb.hosts["p1"].run(["sysctl", "-qw", "net.core.somaxconn=64"])
+    proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("flood"), workers=2)
+    try:
+        srh = SRH.from_path([identity(tb), tb.hosts["s"].addr]).to_bytes()
+        with spoofed_routes(tb):
+            flood = Flood(tb.hosts["c"], tb.hosts["s"].addr, 80, 3000, 6, [identity(tb)])
+            time.sleep(1)
+            result = probe(tb.hosts["c"], tb.hosts["s"].addr, 80, "/1k", 60, 0.07, srh)
+            flood.wait()
+        stats = proxy.stats()
+        assert stats["kernel"]["syncookies_sent"] > 1000, stats["kernel"]   # it did flood
+        assert result.success_ratio >= 0.95, result.summary()
+        assert stats["kernel"]["syncookies_failed"] == 0
+    finally:
+        proxy.stop()
+        server.stop()
