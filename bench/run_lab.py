@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab import report  # noqa: E402
 from lab.checks import CheckFailed, wait_quiet  # noqa: E402
+from lab.cost import CostMeter  # noqa: E402
 from lab.interference import ForeignLoad  # noqa: E402
 from lab.modes import DEFAULT_MODES, MODE_NAMES, ModeUnavailable, make_mode  # noqa: E402
 from lab.pinning import PINNINGS, Pinning, apply_rps, pinning_note  # noqa: E402
@@ -51,14 +52,15 @@ class Plan:
     patience: float          # seconds to wait for an idle machine before a mode's runs
     extra_budget: float      # seconds all re-runs and idle-waits of the run may take together
     workdir: str
+    only: list | None = None  # workload names to run (None: all)
 
     def workloads(self, mtu):
         """Bulk transfers first, then keep-alive HTTP, then one connection per request
-        (those leave TIME_WAIT sockets behind)."""
+        (those leave TIME_WAIT sockets behind); only those named in ``only`` if given."""
         out = iperf3_workloads()
         if mtu in self.full_mtus:
             out += blast_workloads() + wrk_workloads()
-        return out
+        return [wl for wl in out if self.only is None or wl.name in self.only]
 
 
 class Lab:
@@ -69,6 +71,8 @@ class Lab:
         os.makedirs(workdir, exist_ok=True)
         self.servers = Servers(tb, workdir, pinning)
         self.foreign = ForeignLoad([h.ns for h in tb.hosts.values()])
+        self.cost = CostMeter([tb.hosts[name].ns for name in tb.proxy_names],
+                              pinning.middlebox_cpus)
 
 
 def load_testbed():
@@ -102,6 +106,7 @@ def run(plan):
         "settings": {"modes": plan.modes, "mtus": plan.mtus, "full_mtus": plan.full_mtus,
                      "repetitions": plan.repetitions, "seconds": plan.seconds,
                      "wrk": "-t 2 -c 50", "pinning": plan.pinning.as_dict(),
+                     "workloads": plan.only,
                      "mode_info": {m: make_mode(m).info() for m in plan.modes}},
         "checks": {}, "unavailable": {}, "notes": [], "cells": [],
     }
@@ -185,11 +190,14 @@ def wait_for_quiet(plan, state):
 
 
 def measure(lab, wl, seconds):
-    """One load run; the sample also says how much CPU the rest of the machine took."""
+    """One load run; the sample also says what it cost the middlebox (lab/cost.py) and how
+    much CPU the rest of the machine took."""
     try:
-        sample, elsewhere = lab.foreign.measure(lambda: wl.run(lab, seconds))
+        (sample, cost), elsewhere = lab.foreign.measure(
+            lambda: lab.cost.measure(lambda: wl.run(lab, seconds)))
     except (WorkloadError, subprocess.TimeoutExpired) as exc:
         return {"error": str(exc)[-500:]}
+    sample.update(cost)
     sample.update(elsewhere)
     return sample
 
@@ -198,7 +206,9 @@ def describe(sample):
     if "error" in sample:
         return sample["error"]
     text = report.fmt_value(sample) + "  [CPU busy " + " ".join(
-        f"{v:.0%}" for v in sample["cpu_busy"].values()) + "]"
+        f"{v:.0%}" for v in sample["cpu_busy"].values()) + "]" + (
+        f"  [proxy {sample['proxy_cpu_seconds']:.2f} CPU-s, {sample['box_scope']} "
+        f"{sample['box_cpu_seconds']:.2f} CPU-s]")
     if report.disturbed(sample):
         text += (f"  [others: {sample['foreign_cpus']:.2f} CPU, "
                  f"{sample['foreign_net_mbps']:.0f} Mb/s meanwhile]")
@@ -278,7 +288,10 @@ def main(argv=None):
                     help="MTUs at which every workload runs (default: the largest of --mtu, "
                          "the paper's 9000); at the others only iperf3 runs")
     ap.add_argument("--pinning", choices=sorted(PINNINGS), default="split",
-                    help="CPU placement, see bench/README.md (default split)")
+                    help="CPU placement, see bench/README.md (default split; unpinned: "
+                         "client, proxy and server share both CPUs)")
+    ap.add_argument("--workloads", type=csv_list, default=None,
+                    help="comma list of workload names to run (default: all)")
     ap.add_argument("--repetitions", type=int, default=3, help="runs per cell (default 3)")
     ap.add_argument("--seconds", type=int, default=5, help="length of each load run (default 5)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
@@ -289,11 +302,15 @@ def main(argv=None):
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces)")
     modes = ["router"] + [m for m in dict.fromkeys(args.modes) if m != "router"]
+    known = {wl.name for wl in iperf3_workloads() + blast_workloads() + wrk_workloads()}
+    for name in args.workloads or []:
+        if name not in known:
+            ap.error(f"unknown workload {name!r}; known: {', '.join(sorted(known))}")
     return run_in_workdir(
         run, lambda workdir: Plan(modes=modes, mtus=args.mtu,
                                   full_mtus=args.full_mtu or [max(args.mtu)],
                                   pinning=PINNINGS[args.pinning], workdir=workdir,
-                                  **timing(args)),
+                                  only=args.workloads, **timing(args)),
         "srv6pipes-bench-", args.keep_workdir)
 
 if __name__ == "__main__":

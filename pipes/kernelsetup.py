@@ -42,6 +42,13 @@ TEMPLATE_NAME = "pipes.nft.in"
 TABLE_PREFIX = "srv6pipes_"
 COMMENT_PREFIX = "srv6pipes:"
 IP6TABLES = "ip6tables-legacy"
+# The table of the NFQUEUE rule. A legacy table is hooked for every packet of the namespace
+# at each of its hooks: raw has two (PREROUTING, OUTPUT), mangle five (every packet a proxy
+# relays crossed it twice on the way in and twice on the way out). raw's PREROUTING
+# (priority -300) still runs before the nft chain (mangle + 1), as the SYN copy must.
+IP6TABLES_TABLE = "raw"
+# Tables where an older version put the rule: removal looks there too (crash recovery).
+IP6TABLES_OLD_TABLES = ("mangle",)
 # The legacy xtables lock is one file for every namespace of the machine: wait for it
 # instead of failing when another instance (or test) holds it.
 IP6TABLES_WAIT = ["-w", "10"]
@@ -181,8 +188,8 @@ def _ip6tables_rules(cfg: KernelConfig) -> list[list[str]]:
              "-j", "NFQUEUE", "--queue-num", str(cfg.queue_num), "--queue-bypass"]]
 
 
-def _ip6tables_argv(action: str, spec: list[str]) -> list[str]:
-    return [IP6TABLES, *IP6TABLES_WAIT, "-t", "mangle", action, *spec]
+def _ip6tables_argv(action: str, spec: list[str], table: str = IP6TABLES_TABLE) -> list[str]:
+    return [IP6TABLES, *IP6TABLES_WAIT, "-t", table, action, *spec]
 
 
 _PROBE_RULESET = """\
@@ -408,14 +415,22 @@ def _remove_nft(cfg: KernelConfig) -> None:
 
 
 def _remove_ip6tables(cfg: KernelConfig) -> None:
-    """Delete every mangle rule carrying our comment, whatever its other options."""
+    """Delete every rule carrying our comment, whatever its other options, in the recipe's
+    table and in the tables older versions used."""
     if shutil.which(IP6TABLES) is None:
         return
+    for table in (IP6TABLES_TABLE, *IP6TABLES_OLD_TABLES):
+        _remove_ip6tables_from(cfg, table)
+
+
+def _remove_ip6tables_from(cfg: KernelConfig, table: str) -> None:
+    if not _ip6tables_table_exists(table):
+        return      # listing it would create it (and hook it) just to find nothing
     for _ in range(1000):
-        proc = _run([IP6TABLES, *IP6TABLES_WAIT, "-t", "mangle", "-S"], check=False)
+        proc = _run([IP6TABLES, *IP6TABLES_WAIT, "-t", table, "-S"], check=False)
         if proc.returncode != 0:
             # No ip6_tables module or table: then there is no rule of ours either.
-            log.debug("%s -S: %s", IP6TABLES, proc.stderr.strip())
+            log.debug("%s -t %s -S: %s", IP6TABLES, table, proc.stderr.strip())
             return
         ours = [
             shlex.split(line)
@@ -425,8 +440,23 @@ def _remove_ip6tables(cfg: KernelConfig) -> None:
         if not ours:
             return
         for words in ours:
-            _run(_ip6tables_argv("-D", words[1:]), check=False)
-    raise KernelSetupError(f"could not delete the {IP6TABLES} rules commented {cfg.comment}")
+            _run(_ip6tables_argv("-D", words[1:], table), check=False)
+    raise KernelSetupError(f"could not delete the {IP6TABLES} rules commented {cfg.comment} "
+                           f"in table {table}")
+
+
+def _ip6tables_table_exists(table: str) -> bool:
+    """Whether the calling thread's namespace has the legacy table ``table`` already.
+
+    /proc/net/ip6_tables_names lists them. A missing file (module not loaded) means no
+    table; an unreadable one is treated as "maybe", so removal still looks."""
+    try:
+        with open("/proc/thread-self/net/ip6_tables_names") as f:
+            return table in f.read().split()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 # ---------------------------------------------------------------------------- API

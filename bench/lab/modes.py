@@ -7,6 +7,7 @@ the client's TCP connections; ``supports(workload)`` whether the mode can carry 
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -418,6 +419,46 @@ class PipesdXor(Pipesd):
         return check_xor(lab, self, self.key)
 
 
+class PipesdSavedSyn(Pipesd):
+    """pipesd identity without the SYN queue: once it runs, its NFQUEUE rule is deleted, so
+    no SYN crosses the capture process and every worker takes the SRH from the kernel's
+    saved copy of the SYN (TCP_SAVED_SYN, the table-miss fallback; counted as
+    ``saved_syn`` in its stats). Measures what the queue costs per connection.
+
+    What this path cannot do (the capture can): SYN-cookie connections have no saved SYN
+    (reset); the SYN's SRH must be the packet's first extension header (the worker locates
+    its own segment in it); return-path TLV marks, HMAC checks and the TIME_WAIT retirement
+    the capture does per SYN do not happen.
+    """
+
+    def __init__(self, workers=2):
+        super().__init__("identity", workers=workers, name="pipesd-savedsyn")
+        self.description = (f"pipesd --workers {workers} in p1 with its NFQUEUE rule deleted "
+                            "(workers read TCP_SAVED_SYN), client SRH [identity @p1, s]")
+
+    def start(self, lab):
+        super().start(lab)
+        host = lab.tb.hosts[self.host]
+        comment = f"srv6pipes:{self.daemon_name}"
+        for table in ("raw", "mangle"):
+            rules = host.run(["ip6tables-legacy-save", "-t", table], check=False).stdout
+            for line in rules.splitlines():
+                if line.startswith("-A ") and comment in line and "NFQUEUE" in line:
+                    host.run(["ip6tables-legacy", "-w", "10", "-t", table, "-D",
+                              *shlex.split(line)[1:]])
+                    return
+        raise ModeUnavailable(f"no NFQUEUE rule commented {comment} to delete")
+
+    def check(self, lab):
+        evidence = super().check(lab)
+        worker = (self.stats(lab) or {}).get("totals", {}).get("worker", {})
+        evidence["table_hits"] = worker.get("table_hits")
+        if worker.get("table_hits"):
+            raise CheckFailed(f"{self.name}: {worker['table_hits']} SYNs still went through "
+                              "the capture")
+        return evidence
+
+
 def _next_hop(host, dst):
     """(gateway, interface) ``host`` uses towards ``dst``."""
     out = host.run(["ip", "-6", "route", "get", str(dst)]).stdout.split()
@@ -451,11 +492,13 @@ def make_mode(name):
         "haproxy": HAProxy,
         "pipesd-identity": lambda: Pipesd("identity"),
         "pipesd-xor": PipesdXor,
+        "pipesd-savedsyn": PipesdSavedSyn,
     }
     if name not in modes:
         raise SystemExit(f"unknown mode {name!r}; known: {', '.join(modes)}")
     return modes[name]()
 
 
-MODE_NAMES = ["router", "router-srh", "pipesd-identity", "pipesd-xor", "haproxy"]
+MODE_NAMES = ["router", "router-srh", "pipesd-identity", "pipesd-xor", "pipesd-savedsyn",
+              "haproxy"]
 DEFAULT_MODES = ["router", "pipesd-identity", "pipesd-xor", "haproxy"]

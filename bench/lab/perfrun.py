@@ -26,6 +26,40 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "results")
 
 
+# Counted on the middlebox CPU with --count: the system calls a relay or a proxy makes,
+# softirq runs, packets received and context switches.
+COUNT_EVENTS = ["syscalls:sys_enter_splice", "syscalls:sys_enter_epoll_wait",
+                "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_sendto",
+                "syscalls:sys_enter_read", "syscalls:sys_enter_write",
+                "syscalls:sys_enter_epoll_ctl", "syscalls:sys_enter_accept4",
+                "syscalls:sys_enter_connect", "syscalls:sys_enter_close",
+                "raw_syscalls:sys_enter", "irq:softirq_entry", "net:netif_receive_skb",
+                "context-switches"]
+
+
+def parse_perf_stat(text):
+    """{event: count} from ``perf stat -x ,`` output (events it could not count are left
+    out)."""
+    out = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) >= 3 and fields[0].strip().isdigit():
+            out[fields[2]] = int(fields[0])
+    return out
+
+
+def count_report(counts, result, seconds):
+    """Lines for the report's header: each count per MB moved and per request."""
+    mb = result.get("bits_per_second", 0) * seconds / 8 / 1e6
+    requests = result.get("requests_per_second", 0) * seconds
+    lines = [f"# counts on the middlebox CPU over {seconds} s (~{mb:.0f} MB, "
+             f"~{requests:.0f} requests): per MB / per request"]
+    for event, n in counts.items():
+        lines.append(f"#   {event:32s} {n:12d}  {n / mb if mb else 0:10.2f}  "
+                     f"{n / requests if requests else 0:10.2f}")
+    return "\n".join(lines) + "\n"
+
+
 def worker_pids(host):
     """PIDs of the pipesd workers in ``host`` (their comm is "pipesd wN")."""
     pids = subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True,
@@ -51,6 +85,10 @@ def main():
     ap.add_argument("--keep-data", action="store_true", help="keep perf.data next to the report")
     ap.add_argument("--mode", default=None,
                     help="profile another lab mode instead (e.g. haproxy); implies --cpu")
+    ap.add_argument("--count", action="store_true",
+                    help="also count, on the middlebox CPU, system calls by name, softirq "
+                         "runs and packets received (perf stat on tracepoints), per MB and "
+                         "per request")
     ap.add_argument("--cpu", action="store_true",
                     help="record the whole middlebox CPU (softirqs, capture, every process) "
                          "instead of the pipesd workers: the fair view to compare modes")
@@ -85,9 +123,16 @@ def main():
                 workloads[args.workload].run(lab, args.seconds + 2)))
             load.start()
             time.sleep(1)                # record the steady state, not the ramp-up
+            counting = None
+            if args.count:
+                counting = subprocess.Popen(
+                    ["perf", "stat", "-x", ",", "-e", ",".join(COUNT_EVENTS), "-a", "-C",
+                     PINNINGS["split"].middlebox_cpus, "--", "sleep", str(args.seconds)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             rec = subprocess.run(["perf", "record", "-e", args.event, "-g", "-o", data,
                                   *target, "--", "sleep", str(args.seconds)],
                                  capture_output=True, text=True)
+            counts = parse_perf_stat(counting.communicate()[1]) if counting else None
             load.join()
         finally:
             mode.teardown(lab)
@@ -105,6 +150,8 @@ def main():
     by_sym = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                              "--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.5"],
                             capture_output=True, text=True)
+    if counts is not None:
+        header += count_report(counts, result, args.seconds)
     with open(out, "w") as f:
         f.write(header + "\n## by shared object\n" + by_comm.stdout
                 + "\n## by symbol (>= 0.5%)\n" + by_sym.stdout)

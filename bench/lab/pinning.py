@@ -12,6 +12,8 @@ namespaces share 2 cores, so the placement decides what a ratio means:
 ``shared``: load generator on CPU 0, servers on CPU 1, middlebox processes unpinned and
     packet processing wherever the sender runs. Everything competes for both cores, so a ratio
     measures the middlebox's total CPU cost relative to kernel forwarding.
+``unpinned``: nothing pinned, no RPS: client, servers and middlebox on both cores, as on a
+    busy host where a proxy's CPU is taken from the applications around it.
 """
 from dataclasses import asdict, dataclass
 
@@ -19,8 +21,8 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class Pinning:
     name: str
-    client_cpus: str            # taskset list for wrk / iperf3 -c in c
-    server_cpus: str            # taskset list for lighttpd / iperf3 -s in s
+    client_cpus: str | None     # taskset list for wrk / iperf3 -c in c, None = unpinned
+    server_cpus: str | None     # taskset list for lighttpd / iperf3 -s in s, None = unpinned
     middlebox_cpus: str | None  # taskset list for haproxy / pipesd in p1, None = unpinned
     rps: dict | None            # host name -> hex CPU mask for rps_cpus of all its interfaces
 
@@ -37,6 +39,8 @@ PINNINGS = {
     "split": Pinning("split", client_cpus="0", server_cpus="0", middlebox_cpus="1",
                      rps={"c": "1", "s": "1", "p1": "2"}),
     "shared": Pinning("shared", client_cpus="0", server_cpus="1", middlebox_cpus=None, rps=None),
+    "unpinned": Pinning("unpinned", client_cpus=None, server_cpus=None, middlebox_cpus=None,
+                        rps=None),
 }
 
 
@@ -62,7 +66,8 @@ def apply_rps(tb, pinning):
 def pinning_note(pin, middleboxes="middlebox", rps_extra=""):
     """The report's note on where things ran; ``pin`` is ``Pinning.as_dict()`` as saved in
     the results (``middleboxes`` names them, ``rps_extra`` adds to the RPS masks)."""
-    return (f"pinning {pin['name']}: client on CPU {pin['client_cpus']}, servers on CPU "
-            f"{pin['server_cpus']}, {middleboxes} on "
-            f"{'CPU ' + pin['middlebox_cpus'] if pin['middlebox_cpus'] else 'any CPU'}"
+    def where(cpus):
+        return f"CPU {cpus}" if cpus else "any CPU"
+    return (f"pinning {pin['name']}: client on {where(pin['client_cpus'])}, servers on "
+            f"{where(pin['server_cpus'])}, {middleboxes} on {where(pin['middlebox_cpus'])}"
             + (f", RPS masks {pin['rps']}{rps_extra}" if pin["rps"] else ""))

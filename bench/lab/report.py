@@ -1,5 +1,7 @@
-"""Medians, ratios to the router of the same run, JSON and a markdown table."""
+"""Medians, ratios to the router of the same run, costs, JSON and markdown tables."""
 import json
+
+from . import cost as costs
 
 
 # A sample is "disturbed" when, during it, processes outside the lab used more than this
@@ -29,11 +31,14 @@ def median_sample(samples):
 
 
 def summarize(cells):
-    """Add ``median`` (sample), ``spread`` (max/min - 1) and ``ratio_to_router`` to each cell."""
+    """Add ``median`` (sample), ``spread`` (max/min - 1), ``ratio_to_router`` and ``cost``
+    (median cost per unit of work, see cost.py) to each cell."""
     by_key = {}
     for cell in cells:
         med = median_sample(cell["samples"])
         cell["median"] = med
+        cell["cost_unit"] = costs.unit(cell["workload"])
+        cell["cost"] = costs.median_cost(usable(cell["samples"]), cell["workload"])
         values = [s["bits_per_second"] for s in usable(cell["samples"])]
         cell["disturbed"] = bool(med) and disturbed(med)
         cell["spread"] = (max(values) / min(values) - 1) if len(values) > 1 and min(values) else None
@@ -101,10 +106,60 @@ def markdown(results):
                 line += f" {fmt_value(cell['median'])} | {f'{ratio:.2f}' if ratio else '-'} |"
             lines.append(line)
         lines.append("")
+        lines += cost_table(results, mtu, modes)
     notes = results.get("notes") or []
     if notes:
         lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def fmt_cost(value, unit):
+    """``103 µs`` per request, ``0.81 s`` per GB."""
+    if value is None:
+        return "-"
+    return f"{value:.0f} µs" if unit == "request" else f"{value:.2f} s"
+
+
+def cost_table(results, mtu, modes):
+    """Markdown lines: each mode's median CPU cost per request or per GB at ``mtu``.
+
+    ``procs``: CPU time of the proxy's processes (none for the router). ``box``: the whole
+    middlebox CPU, softirq included, when it is pinned; unpinned, the busy time of every CPU
+    (endpoints included), comparable between the modes of one run only.
+    """
+    cells = [c for c in results["cells"] if c["mtu"] == mtu and c.get("cost")]
+    if not cells:
+        return []
+    scope = next((s.get("box_scope") for c in cells for s in c["samples"]
+                  if s.get("box_scope")), "middlebox")
+    box = "box" if scope == "middlebox" else "all CPUs"
+    lines = [f"### MTU {mtu}: CPU cost per request (wrk up to 100 KB) or per GB (CPU seconds)",
+             "", f"procs: CPU time of the proxy's processes. {box}: busy time of "
+             + ("the middlebox's CPU, softirq included (its softirq part in brackets)."
+                if box == "box" else
+                "both CPUs, endpoints included (softirq part in brackets); compare modes "
+                "of the same run only."), "",
+             "| workload | per | router " + box + " |"
+             + "".join(f" {m} procs | {m} {box} |" for m in modes),
+             "|" + "---|" * (3 + 2 * len(modes))]
+    workloads = []
+    for cell in cells:
+        if cell["workload"] not in workloads:
+            workloads.append(cell["workload"])
+    for wl in workloads:
+        row = {c["mode"]: c for c in cells if c["workload"] == wl}
+        unit = costs.unit(wl)
+
+        def both(cell):
+            c = cell["cost"]
+            return f"{fmt_cost(c['box'], unit)} ({fmt_cost(c['softirq'], unit)})"
+        line = f"| {wl} | {unit} | {both(row['router']) if 'router' in row else '-'} |"
+        for m in modes:
+            cell = row.get(m)
+            line += (" - | - |" if cell is None else
+                     f" {fmt_cost(cell['cost']['proxy'], unit)} | {both(cell)} |")
+        lines.append(line)
+    return lines + [""]
 
 
 def write(results, json_path, md_path, render=None):

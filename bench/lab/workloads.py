@@ -81,6 +81,7 @@ def parse_iperf3(stdout, stderr=""):
     return {
         "bits_per_second": end["sum_received"]["bits_per_second"],
         "sender_bits_per_second": end["sum_sent"]["bits_per_second"],
+        "bytes": end["sum_received"].get("bytes"),
         "retransmits": end["sum_sent"].get("retransmits"),
         "client_cpu_percent": end["cpu_utilization_percent"]["host_total"],
         "server_cpu_percent": end["cpu_utilization_percent"]["remote_total"],
@@ -151,6 +152,7 @@ def parse_wrk(returncode, stdout, stderr=""):
         "bits_per_second": raw["bytes"] * 8 / seconds,
         "requests_per_second": raw["requests"] / seconds,
         "requests": raw["requests"],
+        "bytes": raw["bytes"],
         "errors": errors,
         "latency_p50_ms": raw["latency_p50_us"] / 1000,
         "latency_p99_ms": raw["latency_p99_us"] / 1000,

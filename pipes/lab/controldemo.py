@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 
-from .. import srhhmac
+from .. import kernelsetup, srhhmac
 from ..srh import SRH
 from .apps import Lighttpd, private_files
 from .campus import ROUTERS, CampusLab
@@ -41,7 +41,7 @@ def _snapshot(host) -> str:
     out = []
     for cmd in (["nft", "list", "ruleset"], ["ip", "-6", "rule"],
                 ["ip", "-6", "route", "show", "table", "all"], ["ip", "sr", "hmac", "show"],
-                ["ip6tables-legacy-save", "-t", "mangle"]):
+                ["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]):
         text = host.run(cmd, check=False).stdout
         out.append("\n".join(line for line in text.splitlines() if not line.startswith("#")
                              and not line.startswith(":")))

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 
+from srv6pipes import kernelsetup
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab.apps import Pipesd
 from srv6pipes.srh import SRH
@@ -266,7 +267,7 @@ def kernel_snapshot(host) -> dict[str, str]:
     state = {
         "nft": out(["nft", "list", "ruleset"]),
         "ip6tables": "\n".join(re.sub(r"\[\d+:\d+\]", "", line)
-                               for line in out(["ip6tables-legacy-save", "-t", "mangle"]).splitlines()
+                               for line in out(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).splitlines()
                                if not line.startswith("#")),
         "rules": out(["ip", "-6", "rule"]),
         "routes": out(["ip", "-6", "route", "show", "table", "all"]),

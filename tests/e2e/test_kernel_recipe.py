@@ -243,7 +243,8 @@ def icmp6_in_errors(host) -> int:
 
 
 def nfqueue_syn_count(p1) -> int:
-    out = p1.run(["ip6tables-legacy", "-w", "10", "-t", "mangle", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
+    out = p1.run(["ip6tables-legacy", "-w", "10", "-t", kernelsetup.IP6TABLES_TABLE, "-L",
+                  "PREROUTING", "-n", "-v", "-x"]).stdout
     lines = [line for line in out.splitlines() if "srv6pipes:e2e" in line]
     assert len(lines) == 1, out
     return int(lines[0].split()[0])

@@ -211,9 +211,39 @@ def test_plan_with_nft_queue_backend():
     ruleset = next(c for c in legacy if c.startswith("nft"))
     assert "queue num" not in ruleset
     assert [c for c in legacy if c.startswith("ip6tables")] == [
-        "ip6tables-legacy -w 10 -t mangle -A PREROUTING -d fc00:1::/80 -p tcp --syn "
+        "ip6tables-legacy -w 10 -t raw -A PREROUTING -d fc00:1::/80 -p tcp --syn "
         "-m comment --comment srv6pipes:st -j NFQUEUE --queue-num 7 --queue-bypass",
     ]
+
+
+def ip6tables_tables(host) -> list[str]:
+    """The legacy tables instantiated (and hooked) in the host's namespace."""
+    return host.run(["cat", "/proc/net/ip6_tables_names"], check=False).stdout.split()
+
+
+def test_queue_rule_hooks_the_raw_table_only(proxy):
+    """The SYN copy's table is raw (two hooks), not mangle (five): installing and removing
+    never instantiates mangle, whose hooks every relayed packet would cross."""
+    cfg = cfg_for()
+    install(proxy, cfg)
+    try:
+        assert kernelsetup.IP6TABLES_TABLE == "raw"
+        assert "raw" in ip6tables_tables(proxy) and "mangle" not in ip6tables_tables(proxy)
+    finally:
+        remove(proxy, cfg)
+    assert "mangle" not in ip6tables_tables(proxy)
+
+
+def test_remove_takes_an_older_versions_mangle_rule(proxy):
+    """A rule an older version left in mangle (crash before the upgrade) goes on remove."""
+    cfg = cfg_for()
+    spec = kernelsetup._ip6tables_rules(cfg)[0]
+    proxy.run(kernelsetup._ip6tables_argv("-A", spec, "mangle"))
+    install(proxy, cfg)                   # install removes leftovers first
+    assert cfg.comment not in proxy.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout
+    assert cfg.comment in snapshot(proxy)["ip6tables"]
+    remove(proxy, cfg)
+    assert cfg.comment not in snapshot(proxy)["ip6tables"]
 
 
 def test_rules_in_recipe_order():

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from srv6pipes import kernelsetup
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab.apps import Pipesd
 
@@ -236,9 +237,10 @@ def delete_queue_rule(host) -> None:
     """Takes the NFQUEUE rule away, as if the capture were bypassed."""
     import shlex
 
-    rules = host.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout
+    rules = host.run(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).stdout
     spec = next(line for line in rules.splitlines() if "NFQUEUE" in line)
-    host.run(["ip6tables-legacy", "-w", "10", "-t", "mangle", "-D", *shlex.split(spec)[1:]])
+    host.run(["ip6tables-legacy", "-w", "10", "-t", kernelsetup.IP6TABLES_TABLE, "-D",
+              *shlex.split(spec)[1:]])
 
 
 def test_table_miss_falls_back_to_saved_syn(line):
@@ -351,7 +353,7 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
         proxy.proc.send_signal(signal.SIGHUP)
 
         def reloaded():
-            rules = p1.run(["ip6tables-legacy-save", "-t", "mangle"]).stdout
+            rules = p1.run(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).stdout
             routing = p1.run(["ip", "-6", "rule"]).stdout
             return "--queue-num 3" in rules and "lookup main" in routing
         assert wait_for(reloaded, 10)

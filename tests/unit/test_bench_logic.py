@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.lab import linkemu, paperfigs, probe, report, tcpstats
+from bench.lab import cost, linkemu, paperfigs, pinning, probe, report, tcpstats
 from bench.lab.linkemu import LinkCondition, LinkEmulationError, LinkEmulator
 from bench.lab.workloads import WorkloadError, parse_blast, parse_iperf3, parse_wrk
 
@@ -24,6 +24,7 @@ def test_wrk_totals_become_a_sample():
     sample = parse_wrk(0, WRK_OK)
     assert sample["bits_per_second"] == pytest.approx(125829120 * 8 / 5)
     assert sample["requests_per_second"] == pytest.approx(24)
+    assert sample["bytes"] == 125829120 and sample["requests"] == 120
     assert sample["errors"] == {"timeout": 3}            # only the non-zero kinds
     assert sample["latency_p50_ms"] == 250 and sample["latency_p99_ms"] == 900
 
@@ -43,6 +44,9 @@ def test_iperf3_uses_the_receivers_rate():
                                                        "remote_total": 60.0}}}
     sample = parse_iperf3(json.dumps(report_json))
     assert sample["bits_per_second"] == 4e9 and sample["retransmits"] == 7
+    assert sample["bytes"] is None                       # older iperf3: no byte count
+    report_json["end"]["sum_received"]["bytes"] = 2_500_000_000
+    assert parse_iperf3(json.dumps(report_json))["bytes"] == 2_500_000_000
     with pytest.raises(WorkloadError, match="busy"):
         parse_iperf3(json.dumps({"error": "the server is busy"}))
     with pytest.raises(WorkloadError):
@@ -302,3 +306,94 @@ def test_ss_output_is_summarized_per_leg():
     assert legs["to_server"]["rtt_ms"] == pytest.approx(50.0)
     assert legs["to_server"]["delivery_rate"] == pytest.approx((710952 + 1.5e9) / 2)
     assert tcpstats.port_of("[fd00::1]:443") == 443
+
+
+# ------------------------------------------------------------------ middlebox cost
+
+PROC_STAT = """cpu  300 0 200 1000 10 0 50 5 0 0
+cpu0 100 0 100 500 5 0 20 0 0 0
+cpu1 200 0 100 500 5 0 30 5 7 0
+intr 12345
+"""
+
+
+def test_proc_stat_busy_and_softirq_ticks():
+    ticks = cost.parse_proc_stat(PROC_STAT)
+    assert set(ticks) == {"cpu0", "cpu1"}               # the "cpu" total line is left out
+    assert ticks["cpu0"] == {"busy": 220, "softirq": 20}
+    # steal counts as busy (not ours to use), guest is already inside user
+    assert ticks["cpu1"] == {"busy": 335, "softirq": 30}
+
+
+def test_cpu_lists_and_deltas():
+    assert cost.cpu_names("1") == ["cpu1"]
+    assert cost.cpu_names("0-1") == ["cpu0", "cpu1"]
+    assert cost.cpu_names("0,2-3") == ["cpu0", "cpu2", "cpu3"]
+    before = {"cpu0": {"busy": 100, "softirq": 10}, "cpu1": {"busy": 50, "softirq": 0}}
+    after = {"cpu0": {"busy": 100 + cost.CLK_TCK, "softirq": 10},
+             "cpu1": {"busy": 50 + 2 * cost.CLK_TCK, "softirq": cost.CLK_TCK // 2}}
+    d = cost.cpu_delta(before, after)
+    assert d["cpu0"] == {"busy": 1.0, "softirq": 0.0}
+    assert d["cpu1"] == {"busy": 2.0, "softirq": pytest.approx(0.5, abs=0.01)}
+    # a process started meanwhile counts from zero, one that exited is lost
+    assert cost.process_delta({"1": 10, "2": 5}, {"1": 30, "3": 7}) == 27
+
+
+def test_cost_fields_pinned_and_unpinned():
+    cpus = {"cpu0": {"busy": 3.0, "softirq": 1.0}, "cpu1": {"busy": 2.0, "softirq": 0.5}}
+    pinned = cost.cost_fields(0.8, cpus, "1", 5.0)
+    assert pinned["proxy_cpu_seconds"] == 0.8
+    assert pinned["box_cpu_seconds"] == 2.0 and pinned["box_softirq_seconds"] == 0.5
+    assert pinned["box_scope"] == "middlebox"
+    free = cost.cost_fields(0.8, cpus, None, 5.0)
+    assert free["box_cpu_seconds"] == 5.0 and free["box_scope"] == "all CPUs"
+
+
+def test_costs_are_per_request_or_per_gb():
+    assert cost.unit("wrk-1KB-close") == "request"
+    assert cost.unit("wrk-100KB-keepalive") == "request"
+    assert cost.unit("wrk-10MB-close") == "GB"
+    assert cost.unit("iperf3-4streams") == "GB" and cost.unit("blast-1stream") == "GB"
+    short = {"requests": 10_000, "bytes": 10**7, "proxy_cpu_seconds": 1.0,
+             "box_cpu_seconds": 1.5, "box_softirq_seconds": 0.5}
+    assert cost.per_unit(short, "wrk-1KB-close") == pytest.approx(
+        {"proxy": 100.0, "box": 150.0, "softirq": 50.0})           # µs per request
+    bulk = dict(short, bytes=4 * 10**9)
+    assert cost.per_unit(bulk, "iperf3-1stream") == pytest.approx(
+        {"proxy": 0.25, "box": 0.375, "softirq": 0.125})           # CPU-s per GB
+    assert cost.per_unit({"error": "x"}, "iperf3-1stream") is None
+    assert cost.per_unit(dict(bulk, bytes=None), "iperf3-1stream") is None
+    assert cost.per_unit({"bits_per_second": 1}, "iperf3-1stream") is None   # not measured
+    samples = [dict(bulk, proxy_cpu_seconds=x) for x in (1.0, 3.0, 2.0)]
+    assert cost.median_cost(samples, "wrk-10MB-close")["proxy"] == pytest.approx(0.5)
+    assert cost.median_cost([{"error": "x"}], "wrk-10MB-close") is None
+
+
+def test_report_has_a_cost_table_per_mtu():
+    def sample_with_cost(bps, proxy, box):
+        return {"bits_per_second": bps, "requests": 1000, "bytes": 10**9,
+                "proxy_cpu_seconds": proxy, "box_cpu_seconds": box,
+                "box_softirq_seconds": box / 2, "box_scope": "middlebox"}
+    cells = report.summarize([
+        {"mtu": 9000, "workload": "wrk-1KB-close", "mode": "router",
+         "samples": [sample_with_cost(1e8, 0.0, 0.1)]},
+        {"mtu": 9000, "workload": "wrk-1KB-close", "mode": "haproxy",
+         "samples": [sample_with_cost(5e7, 0.066, 0.2)]},
+        {"mtu": 9000, "workload": "iperf3-1stream", "mode": "haproxy",
+         "samples": [sample_with_cost(5e9, 0.28, 0.5)]},
+    ])
+    results = {"started": "now", "host": {"kernel": "k", "cpus": 2}, "testbed": "t",
+               "settings": {"modes": ["router", "haproxy"], "mtus": [9000],
+                            "pinning": pinning.PINNINGS["split"].as_dict(),
+                            "repetitions": 1, "seconds": 5, "wrk": "-t 2 -c 50"},
+               "cells": cells, "notes": []}
+    text = report.markdown(results)
+    assert "| wrk-1KB-close | request | 100 µs (50 µs) | 66 µs | 200 µs (100 µs) |" in text
+    assert "| iperf3-1stream | GB | - | 0.28 s | 0.50 s (0.25 s) |" in text
+
+
+def test_unpinned_runs_nothing_under_taskset():
+    free = pinning.PINNINGS["unpinned"]
+    assert free.taskset(free.client_cpus) == [] and free.taskset(free.middlebox_cpus) == []
+    assert free.rps is None
+    assert "client on any CPU" in pinning.pinning_note(free.as_dict())
