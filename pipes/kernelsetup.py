@@ -54,6 +54,22 @@ FORWARDING = "forwarding"
 MIGRATE_REQ = "net/ipv4/tcp_migrate_req"   # Linux >= 5.14
 
 
+# The kernel's range of each numeric KernelConfig field; pipesd's settings (config.py) take
+# theirs from here, so a bad value is refused with the setting's name before anything runs.
+KERNEL_RANGES = {
+    "port": (1, 65535),
+    "queue_num": (0, 65535),
+    "fwmark": (1, 0xFFFFFFFF),
+    "table": (1, 0xFFFFFFFF),
+    "rule_priority": (1, 32765),    # 0, 32766 and 32767 are the kernel's own rules
+}
+RESERVED_TABLES = (253, 254, 255)   # default, main, local
+
+
+def kernel_range(field: str) -> tuple[int, int]:
+    return KERNEL_RANGES[field]
+
+
 class KernelSetupError(RuntimeError):
     """A kernel configuration step failed; the message names the step and the kernel's words."""
 
@@ -85,17 +101,11 @@ class KernelConfig:
             raise ValueError(f"instance name {self.name!r}: use 1-32 characters [A-Za-z0-9_]")
         locator = ipaddress.IPv6Network(self.locator)
         object.__setattr__(self, "locator", locator)
-        for field, low, high in (
-            ("port", 1, 65535),
-            ("queue_num", 0, 65535),
-            ("fwmark", 1, 0xFFFFFFFF),
-            ("table", 1, 0xFFFFFFFF),
-            ("rule_priority", 1, 32765),
-        ):
+        for field, (low, high) in KERNEL_RANGES.items():
             value = getattr(self, field)
             if not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{field}={value!r}: must be an integer in [{low}, {high}]")
-        if self.table in (253, 254, 255):
+        if self.table in RESERVED_TABLES:
             raise ValueError(f"table={self.table}: 253-255 are the kernel's default/main/local")
 
     @property

@@ -303,8 +303,8 @@ class Pipesd(Mode):
 
     def stats(self, lab):
         """pipesctl stats as a dict, or None when the daemon does not answer."""
-        res = lab.tb.hosts[self.host].run([program("pipesctl"), "--control", self.control,
-                                           "stats"],
+        res = lab.tb.hosts[self.host].run([program("pipesctl"), "-j", "--control",
+                                           self.control, "stats"],
                                           check=False, timeout=10)
         if res.returncode != 0:
             return None

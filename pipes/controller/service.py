@@ -45,6 +45,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from .. import logsetup
 from ..ratelimit import RateLimitedLogger
 from . import dnsquery, messages, model, pathcomp, policy
 from .agentlink import AgentError, AgentLink
@@ -540,9 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check:
         print(json.dumps(summary(config), indent=2))
         return 0
-    logging.basicConfig(level=config.settings["log_level"].upper(), stream=sys.stderr,
-                        format="%(asctime)s pipes-controller[%(process)d] %(levelname)s "
-                               "%(message)s")
+    logsetup.setup("pipes-controller", config.settings["log_level"])
     try:
         controller = Controller(config)
     except (OSError, ValueError) as exc:
