@@ -57,6 +57,13 @@ def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
                                     kernel_hmac_off=bool(config.hmac_keyring))
 
 
+def _cookie_state(cookie_state: Optional[dict]) -> str:
+    """What `pipesctl stats` shows of the SYN-cookie program (kernel.cookie_interception)."""
+    if cookie_state is None:
+        return "off (--syn-cookies reset)"
+    return f"off: {cookie_state['error']}" if "error" in cookie_state else "on"
+
+
 @dataclasses.dataclass
 class Child:
     kind: str            # "worker" or "capture"
@@ -140,13 +147,26 @@ class Master:
         first remove what a crashed predecessor may have left."""
         self.kernel_installed = kernel_config(config)
         state = kernelsetup.install(self.kernel_installed)
-        cookie_state = state.get("cookies")
-        self.cookie_interception = ("off (--syn-cookies reset)" if cookie_state is None else
-                                    f"off: {cookie_state['error']}" if "error" in cookie_state
-                                    else "on")
+        self.cookie_interception = _cookie_state(state.get("cookies"))
         returnpath.remove(config.name, config.fwmark, self.kernel_installed.rule_priority)
         if config.return_mode != "on-path":
             returnpath.install(config.name, config.fwmark, self.kernel_installed.rule_priority)
+
+    def replace_kernel_state(self, new: Config) -> None:
+        """A reload's kernel change, make-before-break (kernelsetup.replace): interception
+        never stops. The off-path return rules (returnpath) are rebuilt when their mark,
+        priority or mode change."""
+        old_kernel, old = self.kernel_installed, self.config
+        new_kernel = kernel_config(new)
+        if new_kernel != old_kernel:
+            state = kernelsetup.replace(old_kernel, new_kernel)
+            self.kernel_installed = new_kernel
+            self.cookie_interception = _cookie_state(state.get("cookies"))
+        if (new.return_mode, new.fwmark, new.rule_priority) != (old.return_mode, old.fwmark,
+                                                               old.rule_priority):
+            returnpath.remove(old.name, old.fwmark, old_kernel.rule_priority)
+            if new.return_mode != "on-path":
+                returnpath.install(new.name, new.fwmark, new_kernel.rule_priority)
 
     def remove_kernel_state(self) -> None:
         if self.kernel_installed is None:
@@ -294,15 +314,16 @@ class Master:
         if new.modules != self.config.modules:
             log.warning("reload: --modules is only read at start; use pipesctl load/unload")
         capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
-                            "fwmark", "return_mode", "hmac_keyring", "require_hmac")
+                            "return_mode", "hmac_keyring", "require_hmac")
+        if new.return_mode != "on-path":   # its return routes (returnpath) carry the mark
+            capture_settings += ("fwmark", "rule_priority")
         capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
         # The HMAC key file may have changed under the same name: the capture re-reads it.
         capture_changed = capture_changed or bool(new.hmac_keyring)
         if new_kernel != self.kernel_installed or new.return_mode != self.config.return_mode:
             try:
-                self.remove_kernel_state()
-                self.install_kernel_state(new)
-            except (kernelsetup.KernelSetupError, OSError) as exc:
+                self.replace_kernel_state(new)
+            except Exception as exc:  # noqa: BLE001 - KernelSetupError, NetlinkError, OSError
                 log.error("reload: new kernel settings failed (%s): restoring the old ones", exc)
                 self.remove_kernel_state()
                 self.install_kernel_state(self.config)
