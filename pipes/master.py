@@ -27,7 +27,7 @@ import socket
 import time
 from typing import Optional
 
-from . import _srhtable, kernelsetup, messages, returnpath, stats, system, timewait
+from . import _srhtable, kernelsetup, returnpath, stats, system, timewait
 from .addressplan import AddressPlan
 from .admission import AdmissionError, ModuleAdmission
 from .commands import ControlCommands

@@ -412,9 +412,9 @@ class Controller:
         except asyncio.TimeoutError:
             log.warning("first health probes did not finish within %ss", FIRST_PROBE_WAIT)
         deadline = time.monotonic() + FIRST_PROBE_WAIT
-        while time.monotonic() < deadline and not all(l.adopted for l in self.links.values()):
+        while time.monotonic() < deadline and not all(link.adopted for link in self.links.values()):
             await asyncio.sleep(0.05)
-        for name in sorted(n for n, l in self.links.items() if not l.adopted):
+        for name in sorted(n for n, link in self.links.items() if not link.adopted):
             log.warning("agent of %s not reached: no new bindings there until it is", name)
         self.front = DnsFrontEnd(self.handle_dns, settings["max_queries_per_second"],
                                  self.config.upstream)
