@@ -152,3 +152,32 @@ def test_every_command_has_version(program):
     from srv6pipes import __version__
 
     assert result.returncode == 0 and result.stdout.split()[-1] == __version__
+
+
+def test_contrib_config_loads_and_names_every_setting(tmp_path):
+    path = ROOT / "contrib" / "pipesd.toml"
+    cfg = build_config({"config_file": str(path)})
+    assert str(cfg.locator) == "fc00:1::/80"
+    text = path.read_text()
+    missing = [s.name for s in SETTINGS if s.name not in ("name", "control")
+               and f"{s.name} = " not in text]
+    assert not missing, f"contrib/pipesd.toml lacks {missing}"
+    # Every commented value is the default: uncommenting one changes nothing.
+    uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line
+                            for line in text.splitlines())
+    path = tmp_path / "pipesd.toml"
+    path.write_text(uncommented)
+    assert build_config({"config_file": str(path), "workers": "4"}) == dataclasses.replace(
+        cfg, config_file=str(path))
+
+
+def test_systemd_unit_checks_first_and_outlasts_the_drain():
+    unit = (ROOT / "contrib" / "pipesd@.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["ExecStartPre"].endswith("--check")
+    assert lines["ExecStart"] + " --check" == lines["ExecStartPre"]
+    assert lines["KillMode"] == "mixed" and "HUP" in lines["ExecReload"]
+    assert int(lines["TimeoutStopSec"]) > config.SETTINGS_BY_NAME["drain_timeout"].default
+    assert lines["RuntimeDirectoryPreserve"] == "yes"
+    assert str(config.system.STATE_DIR) == "/run/" + lines["RuntimeDirectory"]
