@@ -1,6 +1,6 @@
 """Kernel setup for one pipesd instance: interception rules, routing, sysctls.
 
-Applies the recipe of DESIGN.md section 3 (explained rule by rule in ``kernel/README.md``)
+Applies the recipe of docs/design.md section 3 (explained rule by rule in ``kernel/README.md``)
 in the *current* network namespace, the one of the calling thread:
 
 * policy routing: ``ip -6 rule add fwmark F/F lookup T priority P`` and
@@ -15,7 +15,8 @@ in the *current* network namespace, the one of the calling thread:
   ``NFQUEUE`` (see :func:`queue_backend`).
 
 ``install`` and ``remove`` are idempotent; ``remove`` never fails because something is
-already gone. ``plan`` returns the equivalent shell commands for ``pipesd --dry-run``.
+already gone. ``replace`` changes an installed recipe make-before-break (reloads).
+``plan`` returns the equivalent shell commands for ``pipesd --dry-run`` and ``--check``.
 """
 from __future__ import annotations
 

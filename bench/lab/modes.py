@@ -142,7 +142,7 @@ HAPROXY_NFT = """\
 table inet {table} {{
     chain prerouting {{
         type filter hook prerouting priority mangle + 1; policy accept;
-        # TPROXY first (see DESIGN.md: with the socket rule first, SYNs that match a
+        # TPROXY first (see docs/design.md section 3: with the socket rule first, SYNs that match a
         # TIME_WAIT socket stall).
         ip6 daddr {server} tcp dport {{ {ports} }} counter tproxy ip6 to :{port} meta mark set {mark} accept
         # Replies from s to the client's address belong to HAProxy's transparent sockets.
