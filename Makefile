@@ -2,7 +2,7 @@
 #   make demo   builds a testbed (C -> P1 -> P2 -> S), runs pipesd on P1 and P2, sends real
 #               traffic with curl to lighttpd, prints what happened, tears everything down
 #   make test   runs the whole test suite
-#   make lint   ruff over the tree (configured in pyproject.toml)
+#   make lint   ruff over the tree, mypy over the pure-Python modules (pyproject.toml)
 #   make package  builds the sdist, a wheel from it, and checks both (.ci/check-package)
 # Both install what they need first (system packages, Python packages, the Cython build).
 PYTHON ?= python3
@@ -33,6 +33,7 @@ test: build
 
 lint: deps
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 package: deps
 	PYTHON=$(PYTHON) .ci/check-package

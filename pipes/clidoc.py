@@ -21,7 +21,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, str]]:
     rows = []
     for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            helps = {choice.dest: choice.help for choice in action._choices_actions}  # noqa: SLF001
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}  # noqa: SLF001
             for name, sub in action.choices.items():
                 usage = sub.format_usage().split(name, 1)[1].replace("[-h]", "").strip()
                 rows.append((name, " ".join(usage.split()), helps.get(name, "")))

@@ -88,7 +88,7 @@ def _keepalive(value: Any) -> tuple[int, int, int]:
                                and 1 <= parts[2] <= 127):
         raise ValueError(f"must be IDLE,INTERVAL,COUNT (1-32767 s, 1-32767 s, 1-127) or 0, "
                          f"got {value!r}")
-    return tuple(parts)
+    return (parts[0], parts[1], parts[2])
 
 
 def _locator(value: Any) -> ipaddress.IPv6Network:

@@ -202,7 +202,7 @@ def _check_ip6tables_nfqueue(options: dict[str, str]) -> Iterator[Finding]:
 def _check_sock_destroy() -> Finding:
     """SOCK_DESTROY for a tuple no socket can have (port 0): ENOENT means the kernel can
     destroy sockets (CONFIG_INET_DIAG_DESTROY), EOPNOTSUPP that it cannot."""
-    from . import _timewait
+    from . import _timewait  # type: ignore[attr-defined]  # a compiled extension
     from .timewait import TimeWaitReaper
 
     nowhere = socket.inet_pton(socket.AF_INET6, "2001:db8::")
