@@ -166,46 +166,15 @@ def pipesctl_main(argv: list[str] | None = None) -> int:
 def serve_metrics(args) -> int:
     """`pipesctl serve-metrics`: each GET asks the daemon's control socket for `stats`
     (shared-memory counters: a scrape costs the workers nothing)."""
-    import http.server
-    import socket
-    import socketserver
-
     from . import metrics
     from .client import ResolveError, parse_endpoint
-    from .control import ControlError, request
 
     try:
         host, port = parse_endpoint(args.listen, "--listen")
+        server = metrics.make_server(host, port, args.control or system.control_socket(args.name))
     except ResolveError as exc:
         print(f"pipesctl serve-metrics: {exc}", file=sys.stderr)
         return 2
-    control = args.control or system.control_socket(args.name)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if self.path.split("?")[0] not in ("/metrics", "/"):
-                self.send_error(404)
-                return
-            try:
-                body = metrics.exposition(request(control, "stats", timeout=5.0)["stats"])
-                status = 200
-            except ControlError as exc:
-                body, status = f"pipesd unreachable: {exc}\n".encode(), 503
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *values):  # noqa: A002 - http.server's signature
-            pass
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        address_family = socket.AF_INET6
-        daemon_threads = True
-
-    try:
-        server = Server((host, port), Handler)
     except OSError as exc:
         print(f"pipesctl serve-metrics: --listen {args.listen}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -71,7 +71,6 @@ _port = _int_range(1, 65535)
 MAX_WORKERS = 128          # a reload runs two generations in master.STATS_REGIONS (256)
 MAX_TABLE_SLOTS = 1 << 22  # _srhtable.MAX_SLOTS (4 Mi slots = 4.25 GiB)
 MAX_SEGMENTS = 127         # an SRH's length byte counts 8-byte units: at most 127 segments
-_port = _int_range(1, 65535)
 
 
 def _keepalive(value: Any) -> tuple[int, int, int]:
@@ -125,6 +124,24 @@ def _text(value: Any) -> str:
 def _optional_path(value: Any) -> str | None:
     text = _text(value)
     return os.path.abspath(text) if text else None
+
+
+def _endpoint(value: Any) -> tuple[str, int] | None:
+    """[ADDR]:PORT (IPv6), or empty for none."""
+    text = _text(value).strip()
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        if not (host.startswith("[") and host.endswith("]")):
+            raise ValueError
+        address = ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        raise ValueError(f"must be [IPv6 address]:port, e.g. [::1]:9469, got {value!r}") from None
+    try:
+        return str(address), _port(port)
+    except ValueError as exc:
+        raise ValueError(f"port {exc}") from None
 
 
 def _flag(value: Any) -> bool:
@@ -229,6 +246,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("require_hmac", "--require-hmac", False, _flag,
             "drop SYNs whose SRH naming this proxy has no valid HMAC (needs "
             "--hmac-keyring)", None),
+    Setting("metrics_listen", "--metrics-listen", "", _endpoint,
+            "serve the counters in Prometheus format over HTTP (GET /metrics) on this "
+            "address, from a child process of the master (empty: off)", "[ADDR]:PORT"),
     Setting("log_level", "--log-level", "info", _choice("debug", "info", "warning", "error"),
             "log verbosity", "LEVEL"),
 )
@@ -269,6 +289,7 @@ class Config:
     dpi_patterns: str | None
     hmac_keyring: str | None
     require_hmac: bool
+    metrics_listen: tuple[str, int] | None
     log_level: str
     config_file: str | None = None
     dry_run: bool = False

@@ -5,7 +5,8 @@ Start-up order (reverse on exit):
      predecessor's leftovers, so a restart after `kill -9` starts clean);
   2. shared memory: the SRH table and the stats block (stale segments are replaced);
   3. the control socket (control.py, answered by commands.py) and --modules (admission.py);
-  4. the capture process and one worker per CPU, forked.
+  4. the capture process, one worker per CPU and, with --metrics-listen, the metrics
+     server (metrics.py), forked.
 
 Everything the master waits for goes through one event loop (eventloop.py): signals (their
 handlers only queue them; the loop calls one handle_<signal> method each), control clients,
@@ -45,6 +46,7 @@ HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is kill
 RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
 BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
 READY_TIMEOUT = 15.0       # a reload's new generation must be listening within this
+SERVICE_KINDS = ("capture", "metrics")   # children besides the workers, one of each
 HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 READY = "ready"            # the event a worker sends once it listens
 
@@ -66,7 +68,7 @@ def _cookie_state(cookie_state: Optional[dict]) -> str:
 
 @dataclasses.dataclass
 class Child:
-    kind: str            # "worker" or "capture"
+    kind: str            # "worker", "capture" or "metrics"
     index: int           # worker index (CPU slot); 0 for the capture
     region: int          # stats region (workers)
     generation: int
@@ -282,7 +284,7 @@ class Master:
         if time.monotonic() > self.stop_deadline:
             self.signal_children(signal.SIGKILL)
         elif not any(c.kind == "worker" for c in self.children.values()):
-            self.signal_children(signal.SIGTERM, kinds=("capture",))
+            self.signal_children(signal.SIGTERM, kinds=SERVICE_KINDS)
 
     def handle_sigquit(self) -> None:
         log.info("quitting at once")
@@ -328,6 +330,7 @@ class Master:
                 self.remove_kernel_state()
                 self.install_kernel_state(self.config)
                 return f"kernel settings: {exc}"
+        metrics_changed = new.metrics_listen != self.config.metrics_listen
         self.config = new
         self.admission.function_bits = new.function_bits
         if capture_changed:
@@ -335,6 +338,10 @@ class Master:
             # queue once the old one has let go (restart backoff, then retries).
             self.signal_children(signal.SIGTERM, kinds=("capture",))
             self.restart_at[("capture", 0)] = time.monotonic() + RESTART_BACKOFF
+        if metrics_changed:
+            # Stopped here; respawn_missing starts it again if there is still an address.
+            self.signal_children(signal.SIGTERM, kinds=("metrics",))
+            self.restart_at[("metrics", 0)] = time.monotonic() + RESTART_BACKOFF
         old = [pid for pid, c in self.children.items() if c.kind == "worker" and not c.stopping]
         self.retiring.update(old)
         self.retire_deadline = time.monotonic() + READY_TIMEOUT
@@ -406,6 +413,24 @@ class Master:
                                                      self.srh_table, routes,
                                                      config.hmac_keyring, config.require_hmac))
 
+    def spawn_metrics(self) -> None:
+        """--metrics-listen: a child serving Prometheus text over HTTP, each scrape one
+        `stats` request to our control socket (metrics.py); it keeps no privilege."""
+        from . import metrics
+
+        host, port = self.config.metrics_listen
+        control = self.config.control
+
+        def serve() -> None:
+            import prctl
+
+            prctl.set_proctitle(f"pipesd: metrics [{self.config.name}]")
+            server = metrics.make_server(host, port, control)
+            system.drop_capabilities(())
+            server.serve_forever()
+
+        self.fork(Child("metrics", 0, -1, self.generation, time.monotonic()), serve)
+
     def spawn_generation(self) -> None:
         self.generation += 1
         for index in range(self.config.workers):
@@ -436,9 +461,13 @@ class Master:
     def respawn_missing(self) -> None:
         now = time.monotonic()
         running = {(c.kind, c.index) for c in self.children.values()
-                   if not c.stopping and (c.kind == "capture" or c.generation == self.generation)}
+                   if not c.stopping and (c.kind in SERVICE_KINDS
+                                          or c.generation == self.generation)}
         if ("capture", 0) not in running and now >= self.restart_at.get(("capture", 0), 0):
             self.spawn_capture()
+        if self.config.metrics_listen and ("metrics", 0) not in running \
+                and now >= self.restart_at.get(("metrics", 0), 0):
+            self.spawn_metrics()
         for index in range(self.config.workers):
             if ("worker", index) not in running and now >= self.restart_at.get(("worker", index), 0):
                 self.spawn_worker(index)
@@ -454,7 +483,7 @@ class Master:
                           (now_ms - last) / 1000)
                 self.kill(pid, signal.SIGKILL)
 
-    def signal_children(self, signum, kinds=("worker", "capture")) -> None:
+    def signal_children(self, signum, kinds=("worker", *SERVICE_KINDS)) -> None:
         for pid, child in list(self.children.items()):
             if child.kind in kinds:
                 child.stopping = True
@@ -470,7 +499,7 @@ class Master:
     def stop_children(self, graceful: bool, timeout: float) -> None:
         """Workers first (they may still be relaying), then the capture process."""
         deadline = time.monotonic() + timeout
-        for kinds in (("worker",), ("capture",)):
+        for kinds in (("worker",), SERVICE_KINDS):
             self.signal_children(signal.SIGTERM if graceful else signal.SIGKILL, kinds)
             while any(c.kind in kinds for c in self.children.values()):
                 if time.monotonic() > deadline:

@@ -9,11 +9,16 @@ and go with every reload).
 
     pipesctl --name edge metrics > /var/lib/node_exporter/textfile/pipesd_edge.prom
 
-is enough for node_exporter's textfile collector; `pipesctl serve-metrics --listen
-[::1]:9469` serves the same text over HTTP for Prometheus to scrape.
+is enough for node_exporter's textfile collector; `pipesd --metrics-listen [::1]:9469` (a
+child process of the master, master.spawn_metrics) or `pipesctl serve-metrics --listen
+[::1]:9469` serve the same text over HTTP for Prometheus to scrape (`serve`): each scrape is
+one `stats` request to the control socket.
 """
 from __future__ import annotations
 
+import http.server
+import socket
+import socketserver
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -132,3 +137,40 @@ def exposition(stats: dict) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatsCollector(stats))
     return generate_latest(registry)
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def make_server(host: str, port: int, control_path: str) -> http.server.HTTPServer:
+    """An HTTP server on [host]:port answering GET /metrics (and /) with `exposition` of
+    the daemon's `stats`, 503 when the daemon does not answer. Raises OSError on bind."""
+    from .control import ControlError, request
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 10
+        server_version = "srv6pipes-metrics"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            try:
+                body = exposition(request(control_path, "stats", timeout=5.0)["stats"])
+                status = 200
+            except ControlError as exc:
+                body, status = f"pipesd unreachable: {exc}\n".encode(), 503
+            self.send_response(status)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *values):  # noqa: A002 - http.server's signature
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        address_family = socket.AF_INET6
+        daemon_threads = True
+
+    return Server((host, port), Handler)

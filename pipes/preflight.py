@@ -251,6 +251,16 @@ def check_resources(config: Config) -> Iterator[Finding]:
                       "program or pipesd instance holds it)")
     finally:
         probe.close()
+    if config.metrics_listen:
+        host, port = config.metrics_listen
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            probe.bind((host, port))
+            yield Finding("resources", True, f"metrics address [{host}]:{port} is free")
+        except OSError as exc:
+            yield Finding("resources", False, f"--metrics-listen [{host}]:{port}: {exc.strerror}")
+        finally:
+            probe.close()
     needed = config.table_slots * SRH_TABLE_SLOT_BYTES
     try:
         shm = os.statvfs("/dev/shm")

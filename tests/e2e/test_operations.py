@@ -248,6 +248,44 @@ def test_pipesctl_tables_json_and_prometheus_metrics(line):
         proxy.stop()
 
 
+def scrape(host, url: str):
+    with host.enter():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            return None
+
+
+def test_pipesd_metrics_listen_serves_prometheus_and_follows_reloads(line, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    config = tmp_path / "pipesd.toml"
+    config.write_text('metrics_listen = "[::1]:9470"\n')
+    proxy = Pipesd(p1, tb.locator("p1"), name_for("mtr"), workers=1,
+                   extra=("--config", str(config)))
+    try:
+        payload = os.urandom(20_000)
+        assert lab.echo_roundtrip([identity(tb)], payload)[1] == payload
+        text = wait_for(lambda: scrape(p1, "http://[::1]:9470/metrics"), 10)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["srv6pipes_accepted"].samples[0].value >= 1
+        title = p1.run(["ps", "-eo", "args"]).stdout
+        assert f"pipesd: metrics [{proxy.name}]" in title
+        config.write_text('metrics_listen = "[::1]:9471"\n')
+        proxy.ctl("reload")
+        assert wait_for(lambda: scrape(p1, "http://[::1]:9471/metrics"), 10)
+        assert wait_for(lambda: scrape(p1, "http://[::1]:9470/metrics") is None, 10)
+        config.write_text("")
+        proxy.ctl("reload")
+        assert wait_for(lambda: scrape(p1, "http://[::1]:9471/metrics") is None, 10)
+    finally:
+        proxy.stop()
+    assert scrape(p1, "http://[::1]:9470/metrics") is None
+
+
 def test_pipesctl_without_a_daemon_names_the_socket_and_the_hint(line):
     tb, _ = line
     result = subprocess.run([*PIPESCTL, "--name", "nosuchinstance", "stats"],

@@ -50,6 +50,8 @@ def test_defaults_build_and_match_the_kernel_defaults():
     ("--timeout-client", "timeout_client", "soon", "seconds"),
     ("--return-mode", "return_mode", "sideways", "on-path, reverse, tlv"),
     ("--locator", "locator", "fc00::1/64", "host bits"),
+    ("--metrics-listen", "metrics_listen", "::1:9469", "[IPv6 address]:port"),
+    ("--metrics-listen", "metrics_listen", "[::1]:99999", "1-65535"),
 ])
 def test_bad_value_is_one_line_naming_the_flag_and_range(flag, name, value, accepted):
     with pytest.raises(ConfigError) as info:
@@ -64,6 +66,12 @@ def test_values_inside_the_ranges_are_accepted():
                 fwmark="0xffffffff", function_bits="32", param_bits="16", workers="128")
     assert (cfg.route_table, cfg.rule_priority, cfg.queue_num, cfg.fwmark) == (
         4294967295, 32765, 65535, 0xFFFFFFFF)
+
+
+def test_metrics_listen_is_an_address_and_port_or_off():
+    assert build(metrics_listen="[::1]:9469").metrics_listen == ("::1", 9469)
+    assert build(metrics_listen="[fd00::0001]:80").metrics_listen == ("fd00::1", 80)
+    assert build().metrics_listen is None
 
 
 def test_plan_that_does_not_fit_128_bits_is_refused_before_any_worker():
