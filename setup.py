@@ -109,6 +109,16 @@ class build_ext_with_vf_modules(build_ext):
             if self.inplace:
                 self.copy_file(target, os.path.join(
                     build_py.get_package_dir("srv6pipes.modules"), name))
+        # The LD_PRELOAD library of pipes-run (srv6pipes/preload.py): a plain shared object
+        # too, loaded into other programs, never imported.
+        source = os.path.join("cext", "preload", "srv6pipes_preload.c")
+        target = os.path.join(self.build_lib, "srv6pipes", "srv6pipes_preload.so")
+        objects = self.compiler.compile([source], output_dir=self.build_temp,
+                                        extra_postargs=["-O2", "-fPIC"])
+        self.compiler.link_shared_object(objects, target, libraries=["dl", "pthread"])
+        if self.inplace:
+            self.copy_file(target, os.path.join(build_py.get_package_dir("srv6pipes"),
+                                                "srv6pipes_preload.so"))
 
 
 # Metadata, dependencies and entry points are in pyproject.toml ([project]); this file only

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from srv6pipes.addressplan import AddressPlan
+from srv6pipes.lab import fuzz
 from srv6pipes.lab.apps import Pipesd
 
 from tests.e2e.e2ekit import (DOWNLOAD_PORT, EchoServer, Lab, download_block,
@@ -248,44 +249,6 @@ def test_after_stop_routed_connections_from_the_same_client_port_work_at_once(li
 
 
 # -- 1. the control socket: no message stops the daemon -------------------------------------
-VALID = [b'{"cmd":"ping"}', b'{"cmd":"functions"}', b'{"cmd":"unload","module":"none"}',
-         b'{"cmd":"load","path":"/nonexistent/x.so"}', b'{"cmd":"stats"}', b'{"cmd":[1]}',
-         b'{"cmd":"ping","id":7}']   # (no reload: one byte off it would really reload)
-
-
-def random_message(rng: random.Random) -> bytes:
-    """A valid request, a mutation of one (flipped, cut, repeated or inserted bytes), random
-    JSON, or random bytes; never a newline (one message per line)."""
-    kind = rng.random()
-    if kind < 0.05:
-        return VALID[rng.randrange(len(VALID))]
-    if kind < 0.55:
-        data = bytearray(VALID[rng.randrange(len(VALID))])
-        for _ in range(rng.randint(1, 4)):
-            where = rng.randrange(len(data))
-            action = rng.randrange(4)
-            if action == 0:
-                data[where] = rng.randrange(256)
-            elif action == 1:
-                del data[where:where + rng.randint(1, 5)]
-            elif action == 2:
-                data[where:where] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-            else:
-                data[where:where] = data[:rng.randint(1, 20)]
-            if not data:
-                data = bytearray(b"{")
-    elif kind < 0.8:
-        value = rng.choice([None, True, 1, -1, 2**70, 1.5, "x" * rng.randint(0, 300), [], {},
-                            {"cmd": rng.choice(["ping", "load", "", 5, None])},
-                            {"cmd": "load", "path": rng.choice([5, "", "a" * 5000, ["x"]])},
-                            {"cmd": "unload", "module": {"a": 1}},
-                            [[[[[]]]]], {"cmd": "stats", "id": rng.choice([-1, 2**60, "1"])}])
-        data = bytearray(json.dumps(value).encode())
-    else:
-        data = bytearray(rng.randrange(256) for _ in range(rng.randint(0, 200)))
-    return bytes(data).replace(b"\n", b" ")
-
-
 def test_100k_random_and_mutated_control_messages_leave_the_daemon_serving(line):
     tb, lab = line
     proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("fuzz"), workers=2)
@@ -294,28 +257,14 @@ def test_100k_random_and_mutated_control_messages_leave_the_daemon_serving(line)
         rng = random.Random(20261202)
         replies = 0
         for batch in range(100):                 # 100 connections x 1,000 messages
-            messages = [random_message(rng) for _ in range(1000)]
-            with tb.hosts["p1"].enter():
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with sock:
-                sock.settimeout(20)
-                sock.connect(proxy.control)
-                sock.sendall(b"\n".join(messages) + b"\n")
-                sock.shutdown(socket.SHUT_WR)
-                data = bytearray()
-                while True:
-                    chunk = sock.recv(1 << 20)
-                    if not chunk:
-                        break
-                    data += chunk
-            lines = data.splitlines()
-            assert len(lines) == len(messages), f"batch {batch}: {len(lines)} replies"
-            for reply_line in lines:
-                reply = json.loads(reply_line)
+            messages = [fuzz.control_message(rng) for _ in range(1000)]
+            replies_got = fuzz.control_batch(tb.hosts["p1"], proxy.control, messages)
+            assert len(replies_got) == len(messages), f"batch {batch}: {len(replies_got)} replies"
+            for reply in replies_got:
                 assert isinstance(reply, dict) and type(reply["ok"]) is bool, reply
                 if not reply["ok"]:
                     assert isinstance(reply["error"], str) and reply["error"], reply
-            replies += len(lines)
+            replies += len(replies_got)
         assert replies == 100_000
         # An endless line is refused and its connection closed; the daemon goes on.
         with tb.hosts["p1"].enter():

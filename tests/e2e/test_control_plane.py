@@ -360,3 +360,47 @@ def test_controller_restart_adopts_what_the_agents_hold(lab):
     time.sleep(2.5)  # past a sync interval
     assert echo_via(lab, "c1", ["identity", "identity"])[0] == "fd00:c1::1"
     assert resolve(lab, "c1", ["identity", "identity"]).bsid == resolution.bsid
+
+
+def test_pipes_run_steers_curl_without_privileges(lab, tmp_path):
+    """pipes-run (LD_PRELOAD): curl fetches through compress,decompress by name, pipes-run
+    and curl holding no capability at all (what root could do, they cannot: no route, no
+    raw socket); curl itself unchanged. Other connections are untouched."""
+    import hashlib
+
+    from srv6pipes.lab.apps import Lighttpd
+
+    www = tmp_path / "www"
+    www.mkdir()
+    body = b"compressible " * 50_000
+    (www / "page").write_bytes(body)
+    os.chmod(tmp_path, 0o755)
+    server = Lighttpd(lab.tb.hosts["s"], str(www), port=80)
+    c1 = lab.tb.hosts["c1"]
+    controller = f"[{lab.dns[0]}]:{lab.dns[1]}"
+    # No capability, bounding set empty (uid 0 stays: this python lives under /root).
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    run = [*unprivileged, sys.executable, "-m", "srv6pipes.preload"]
+    try:
+        fetched = c1.run(["sh", "-c", f"{' '.join(run)} --via compress,decompress "
+                          f"--controller {controller} -- curl -sS http://{NAME}/page | sha256sum"])
+        assert fetched.stdout.split()[0] == hashlib.sha256(body).hexdigest(), fetched
+        bsid = str(resolve(lab, "c1", ["compress", "decompress"]).bsid)
+        compress = lab.proxies[binding_of(lab, bsid)["proxies"][0]]
+        assert compress.stats()["totals"]["functions"]["compress"]["flows_started"] >= 1
+        # Steering goes by address: the server's address on a closed port goes through the
+        # chain too (the proxy resets what the server refused: curl 56); another host's
+        # does not (refused by that host: curl 7). pipes-run exits with curl's status.
+        for host, status in ((lab.tb.hosts["s"].addr, 56), (lab.dns[0], 7)):
+            ended = c1.run([*run, "--via", "compress,decompress", "--controller", controller,
+                            "--to", NAME, "--", "curl", "-sS", "-o", "/dev/null",
+                            f"http://[{host}]:1/"], check=False)
+            assert ended.returncode == status, ended
+        refused = c1.run([*run, "--via", "rot13", "--controller", controller, "--",
+                          "curl", f"http://{NAME}/page"], check=False)
+        assert refused.returncode == 2 and "unknown function" in refused.stderr, refused
+        assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1
+        server.stop()                  # lighttpd writes its access log out when it stops
+        assert server.clients_seen() == ["fd00:c1::1"]     # the client's own address
+    finally:
+        server.stop()

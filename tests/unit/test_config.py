@@ -148,11 +148,13 @@ def test_readme_command_line_section_names_every_setting():
     assert not missing, f"README's Command line section lacks {missing}"
 
 
-@pytest.mark.parametrize("program", ["pipesd", "pipesctl", "pipes-controller", "pipes-agent"])
+@pytest.mark.parametrize("program", ["pipesd", "pipesctl", "pipes-controller", "pipes-agent",
+                                     "pipes-run"])
 def test_every_command_has_version(program):
     mains = {"pipesd": "srv6pipes.cli:pipesd_main", "pipesctl": "srv6pipes.cli:pipesctl_main",
              "pipes-controller": "srv6pipes.controller.service:main",
-             "pipes-agent": "srv6pipes.agent.service:main"}
+             "pipes-agent": "srv6pipes.agent.service:main",
+             "pipes-run": "srv6pipes.preload:main"}
     module, function = mains[program].split(":")
     result = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {function}"
                              f" as m; sys.exit(m(['--version']))"],
