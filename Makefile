@@ -2,6 +2,8 @@
 #   make demo   builds a testbed (C -> P1 -> P2 -> S), runs pipesd on P1 and P2, sends real
 #               traffic with curl to lighttpd, prints what happened, tears everything down
 #   make test   runs the whole test suite
+#   make lint   ruff over the tree, mypy over the pure-Python modules (pyproject.toml)
+#   make package  builds the sdist, a wheel from it, and checks both (.ci/check-package)
 # Both install what they need first (system packages, Python packages, the Cython build).
 PYTHON ?= python3
 APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
@@ -10,7 +12,7 @@ APT_PACKAGES = build-essential iproute2 nftables iptables kmod procps psmisc \
 	curl lighttpd wrk iperf3 haproxy dnsutils
 STAMP = .deps-installed
 
-.PHONY: deps build demo test bench figures clean
+.PHONY: deps build demo test lint package docs bench figures clean
 
 $(STAMP): Makefile requirements.txt
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -29,6 +31,17 @@ demo: build
 test: build
 	$(PYTHON) -m pytest tests
 
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+package: deps
+	PYTHON=$(PYTHON) .ci/check-package
+
+# docs/cli.md comes from the settings' declarations (a test fails when it is stale).
+docs: build
+	$(PYTHON) -m srv6pipes.clidoc > docs/cli.md
+
 bench: build
 	$(PYTHON) bench/run_lab.py
 
@@ -38,4 +51,4 @@ figures: build
 	$(PYTHON) bench/run_paper.py
 
 clean:
-	rm -rf build *.egg-info cext/*.c pipes/*.so pipes/modules/*.so bench/linkemu/build $(STAMP)
+	rm -rf build dist *.egg-info cext/*.c pipes/*.so pipes/modules/*.so bench/linkemu/build $(STAMP)

@@ -3,7 +3,8 @@
 The package lives in the folder ``pipes/`` but is installed under the import name
 ``srv6pipes``: Python 3.11's standard library already has a module called ``pipes``.
 Every ``cext/NAME.pyx`` is compiled by Cython into the extension ``srv6pipes._NAME``,
-so a fresh clone builds with one command (``pip install -e .``). The example C VF modules
+so a fresh clone builds with one command (``pip install -e .``); the package metadata is in
+pyproject.toml. The example C VF modules
 ``cext/examples/NAME.c`` become plain shared objects ``srv6pipes/modules/NAME.so``.
 """
 import glob
@@ -50,14 +51,17 @@ def cython_extensions():
 
 class build_py_with_kernel(build_py):
     """Ships kernel/*.in (nftables templates) inside the package as srv6pipes/kernel/,
-    so an installed pipesd finds them without the source tree."""
+    so an installed pipesd finds them without the source tree, and the C module header
+    cext/srv6pipes_vf.h as srv6pipes/include/ (vfapi.include_dir, `pipesctl module-cflags`)."""
 
     def run(self):
         super().run()
-        target = os.path.join(self.build_lib, "srv6pipes", "kernel")
-        os.makedirs(target, exist_ok=True)
-        for template in glob.glob(os.path.join(HERE, "kernel", "*.in")):
-            self.copy_file(template, os.path.join(target, os.path.basename(template)))
+        for folder, pattern in (("kernel", os.path.join("kernel", "*.in")),
+                                ("include", os.path.join("cext", "srv6pipes_vf.h"))):
+            target = os.path.join(self.build_lib, "srv6pipes", folder)
+            os.makedirs(target, exist_ok=True)
+            for source in glob.glob(os.path.join(HERE, pattern)):
+                self.copy_file(source, os.path.join(target, os.path.basename(source)))
 
 
 def build_bpf_programs(target_dirs):
@@ -117,32 +121,10 @@ class build_ext_with_vf_modules(build_ext):
                                                 "srv6pipes_preload.so"))
 
 
+# Metadata, dependencies and entry points are in pyproject.toml ([project]); this file only
+# adds what needs code: the Cython extensions, the VF modules, the BPF programs and the files
+# copied into the package.
 setup(
-    name="srv6pipes",
     cmdclass={"build_py": build_py_with_kernel, "build_ext": build_ext_with_vf_modules},
-    version="0.1.0",
-    description="In-network bytestream functions steered by IPv6 Segment Routing",
-    packages=["srv6pipes", "srv6pipes.modules", "srv6pipes.lab", "srv6pipes.controller",
-              "srv6pipes.agent"],
-    package_dir={"srv6pipes": "pipes"},
     ext_modules=cython_extensions(),
-    python_requires=">=3.11",
-    install_requires=[
-        "python-prctl",
-        "posix_ipc",
-        "NetfilterQueue",
-        "pyroute2",
-        "cryptography",
-        "dnspython",
-    ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis"]},
-    entry_points={
-        "console_scripts": [
-            "pipesd=srv6pipes.cli:pipesd_main",
-            "pipesctl=srv6pipes.cli:pipesctl_main",
-            "pipes-controller=srv6pipes.controller.service:main",
-            "pipes-agent=srv6pipes.agent.service:main",
-            "pipes-run=srv6pipes.preload:main",
-        ]
-    },
 )

@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: GPL-2.0-only
 /*
  * SYN-cookie connections through a transparent SRv6 proxy: hand their first ACK to the
  * listener. Loaded by srv6pipes.cookies on the ingress (tc clsact) of every interface of

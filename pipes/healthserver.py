@@ -20,7 +20,6 @@ import json
 import logging
 import socket
 import socketserver
-from typing import Callable
 
 from .control import ControlError, request
 
@@ -49,7 +48,8 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 def make_server(host: str, port: int, control_path: str) -> http.server.HTTPServer:
     """The HTTP server bound to [host]:port (call serve_forever / shutdown)."""
-    report: Callable[[], tuple[int, dict]] = lambda: health_report(control_path)
+    def report() -> tuple[int, dict]:
+        return health_report(control_path)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT

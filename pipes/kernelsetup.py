@@ -1,6 +1,6 @@
 """Kernel setup for one pipesd instance: interception rules, routing, sysctls.
 
-Applies the recipe of DESIGN.md section 3 (explained rule by rule in ``kernel/README.md``)
+Applies the recipe of docs/design.md section 3 (explained rule by rule in ``kernel/README.md``)
 in the *current* network namespace, the one of the calling thread:
 
 * policy routing: ``ip -6 rule add fwmark F/F lookup T priority P`` and
@@ -15,7 +15,8 @@ in the *current* network namespace, the one of the calling thread:
   ``NFQUEUE`` (see :func:`queue_backend`).
 
 ``install`` and ``remove`` are idempotent; ``remove`` never fails because something is
-already gone. ``plan`` returns the equivalent shell commands for ``pipesd --dry-run``.
+already gone. ``replace`` changes an installed recipe make-before-break (reloads).
+``plan`` returns the equivalent shell commands for ``pipesd --dry-run`` and ``--check``.
 """
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ FORWARDING = "forwarding"
 MIGRATE_REQ = "net/ipv4/tcp_migrate_req"   # Linux >= 5.14
 
 
+# The kernel's range of each numeric KernelConfig field; pipesd's settings (config.py) take
+# theirs from here, so a bad value is refused with the setting's name before anything runs.
+KERNEL_RANGES = {
+    "port": (1, 65535),
+    "queue_num": (0, 65535),
+    "fwmark": (1, 0xFFFFFFFF),
+    "table": (1, 0xFFFFFFFF),
+    "rule_priority": (1, 32765),    # 0, 32766 and 32767 are the kernel's own rules
+}
+RESERVED_TABLES = (253, 254, 255)   # default, main, local
+
+
+def kernel_range(field: str) -> tuple[int, int]:
+    return KERNEL_RANGES[field]
+
+
 class KernelSetupError(RuntimeError):
     """A kernel configuration step failed; the message names the step and the kernel's words."""
 
@@ -92,17 +109,11 @@ class KernelConfig:
             raise ValueError(f"instance name {self.name!r}: use 1-32 characters [A-Za-z0-9_]")
         locator = ipaddress.IPv6Network(self.locator)
         object.__setattr__(self, "locator", locator)
-        for field, low, high in (
-            ("port", 1, 65535),
-            ("queue_num", 0, 65535),
-            ("fwmark", 1, 0xFFFFFFFF),
-            ("table", 1, 0xFFFFFFFF),
-            ("rule_priority", 1, 32765),
-        ):
+        for field, (low, high) in KERNEL_RANGES.items():
             value = getattr(self, field)
             if not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{field}={value!r}: must be an integer in [{low}, {high}]")
-        if self.table in (253, 254, 255):
+        if self.table in RESERVED_TABLES:
             raise ValueError(f"table={self.table}: 253-255 are the kernel's default/main/local")
 
     @property
@@ -560,12 +571,16 @@ def remove(cfg: KernelConfig) -> None:
     state = _load_state(cfg)
     configs = [cfg]
     if state is not None:
-        try:
-            old = KernelConfig.from_json(state["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("state file of %s has no usable config: %s", cfg.name, exc)
-        else:
-            if old != cfg:
+        # "replacing": a replace() that did not finish (crash) had both installed.
+        for key in ("config", "replacing"):
+            if key not in state:
+                continue
+            try:
+                old = KernelConfig.from_json(state[key])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("state file of %s has no usable %s: %s", cfg.name, key, exc)
+                continue
+            if old not in configs:
                 configs.append(old)
     # Reverse install order: stop intercepting first.
     added_clsact = (state or {}).get("cookies", {}).get("added_clsact", [])
@@ -580,3 +595,110 @@ def remove(cfg: KernelConfig) -> None:
         _restore_sysctls(state.get("sysctls", {}))
         state_path(cfg).unlink(missing_ok=True)
         log.info("removed kernel recipe %s, sysctls restored", cfg.name)
+
+
+def _cookie_fields(cfg: KernelConfig) -> tuple:
+    return (cfg.locator, cfg.port, cfg.rule_priority, cfg.intercept_cookies)
+
+
+def replace(old: KernelConfig, new: KernelConfig) -> dict:
+    """A reload's kernel change, make-before-break: ``new`` is installed while ``old`` still
+    intercepts, then what only ``old`` needed is removed. So no SYN arrives to a namespace
+    without interception, and the packets of established flows stay marked and routed.
+
+    * routing: the new rule (and ``local`` route, in a new table) is added first; rules of
+      different priority or mark coexist, the first match wins and both lead to a local
+      route; the old ones go last;
+    * NFQUEUE (ip6tables-legacy): the new rule is appended, then the old one deleted (the
+      same queue number twice only duplicates a copy for a moment);
+    * nftables: the table's rules are flushed and the new ones added in one nft
+      transaction (atomic for the kernel; the chains and their hooks stay);
+    * sysctls: the new set is written; a key only the old set changed gets its original
+      value back; the originals recorded by install() stay recorded.
+
+    The SYN-cookie program (a tc filter named after the instance) is the exception: when
+    its locator, port or priority change it is detached and attached again, and connections
+    answered with a SYN cookie in that instant are reset, as without the program.
+
+    The state file names both configurations while this runs (``replacing``): after a crash
+    in between, remove() removes both. Raises KernelSetupError (then both may be installed:
+    the caller removes and reinstalls the one it keeps).
+    """
+    if old.name != new.name:
+        raise ValueError("replace() keeps the instance name; use remove() and install()")
+    backend = queue_backend()
+    state = _load_state(new)
+    if state is None or KernelConfig.from_json(state["config"]) != old:
+        log.info("replace: no state of %s's current configuration: installing anew", new.name)
+        return install(new)
+    log.info("replacing kernel recipe %s make-before-break: %s", new.name, ", ".join(
+        f"{f.name} {getattr(old, f.name)} -> {getattr(new, f.name)}"
+        for f in dataclasses.fields(KernelConfig) if getattr(old, f.name) != getattr(new, f.name)))
+    saved: dict[str, list[str]] = state.setdefault("sysctls", {})
+    state["replacing"] = old.to_json()
+    state["config"] = new.to_json()
+    wanted = _sysctl_wanted(new)
+    for key, value in wanted:
+        current = _sysctl_read(key)
+        if key not in saved and current is not None:
+            saved[key] = [current, value]
+    _save_state(new, state)
+
+    rule_changed = _rule_kwargs(old) != _rule_kwargs(new)
+    table_changed = old.table != new.table
+    queue_changed = backend == IP6TABLES and _ip6tables_rules(old) != _ip6tables_rules(new)
+    for key, value in wanted:
+        _sysctl_write(key, value)
+    with _ipr() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        if table_changed:
+            ipr.route("add", **_route_kwargs(new, lo))
+        if rule_changed:
+            ipr.rule("add", **_rule_kwargs(new))
+    if queue_changed:
+        for rule in _ip6tables_rules(new):
+            _run(_ip6tables_argv("-A", rule))
+    # Flush the rules and add the new ones in one transaction, instead of the template's
+    # delete-and-create: deleting a table unregisters its hooks, and the kernel then drops
+    # every packet waiting in any NFQUEUE (nf_queue_nf_hook_drop): the SYNs the capture
+    # has not answered yet.
+    ruleset = render_ruleset(new, backend)
+    recreate = f"delete table inet {new.nft_table}\n"
+    if recreate not in ruleset:
+        raise KernelSetupError(f"{TEMPLATE_NAME} no longer starts with `{recreate.strip()}`")
+    _run(["nft", "-f", "-"], input=ruleset.replace(recreate,
+                                                    f"flush table inet {new.nft_table}\n", 1))
+    if _cookie_fields(old) != _cookie_fields(new):
+        previous = (state.pop("cookies", None) or {}).get("added_clsact", [])
+        if new.intercept_cookies:
+            cookies.detach(new.name, [])  # the clsact qdiscs we added stay for the new filter
+            attached = _attach_cookie_program(new)
+            if "error" not in attached:
+                attached["added_clsact"] = sorted(set(attached["added_clsact"]) | set(previous))
+            state["cookies"] = attached
+        else:
+            cookies.detach(new.name, previous)
+    # Break: what only the old configuration needed.
+    gone = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+    with _ipr() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for changed, kind, kwargs in ((rule_changed, "rule", _rule_kwargs(old)),
+                                      (table_changed, "route", _route_kwargs(old, lo))):
+            if not changed:
+                continue
+            try:
+                getattr(ipr, kind)("del", **kwargs)
+            except Exception as exc:  # NetlinkError
+                if _netlink_code(exc) not in gone:
+                    raise KernelSetupError(f"replace: deleting the old {kind}: {exc}") from exc
+    if queue_changed:
+        for rule in _ip6tables_rules(old):
+            _run(_ip6tables_argv("-D", rule), check=False)
+    still_wanted = {key for key, _ in wanted}
+    for key in [k for k in saved if k not in still_wanted and k.split("/")[-1] == REQUIRE_HMAC]:
+        original, ours = saved.pop(key)
+        if _sysctl_read(key) == ours:
+            _sysctl_write(key, original)
+    del state["replacing"]
+    _save_state(new, state)
+    return state

@@ -5,7 +5,8 @@ Start-up order (reverse on exit):
      predecessor's leftovers, so a restart after `kill -9` starts clean);
   2. shared memory: the SRH table and the stats block (stale segments are replaced);
   3. the control socket (control.py, answered by commands.py) and --modules (admission.py);
-  4. the capture process and one worker per CPU, forked.
+  4. the capture process, one worker per CPU and, with --metrics-listen, the metrics
+     server (metrics.py), forked.
 
 Everything the master waits for goes through one event loop (eventloop.py): signals (their
 handlers only queue them; the loop calls one handle_<signal> method each), control clients,
@@ -27,7 +28,7 @@ import socket
 import time
 from typing import Optional
 
-from . import _srhtable, kernelsetup, messages, returnpath, stats, system, timewait
+from . import _srhtable, kernelsetup, returnpath, stats, system, timewait
 from .addressplan import AddressPlan
 from .admission import AdmissionError, ModuleAdmission
 from .commands import ControlCommands
@@ -45,6 +46,7 @@ HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is kill
 RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
 BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
 READY_TIMEOUT = 15.0       # a reload's new generation must be listening within this
+SERVICE_KINDS = ("capture", "metrics")   # children besides the workers, one of each
 HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 READY = "ready"            # the event a worker sends once it listens
 
@@ -57,9 +59,16 @@ def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
                                     kernel_hmac_off=bool(config.hmac_keyring))
 
 
+def _cookie_state(cookie_state: Optional[dict]) -> str:
+    """What `pipesctl stats` shows of the SYN-cookie program (kernel.cookie_interception)."""
+    if cookie_state is None:
+        return "off (--syn-cookies reset)"
+    return f"off: {cookie_state['error']}" if "error" in cookie_state else "on"
+
+
 @dataclasses.dataclass
 class Child:
-    kind: str            # "worker" or "capture"
+    kind: str            # "worker", "capture" or "metrics"
     index: int           # worker index (CPU slot); 0 for the capture
     region: int          # stats region (workers)
     generation: int
@@ -140,13 +149,26 @@ class Master:
         first remove what a crashed predecessor may have left."""
         self.kernel_installed = kernel_config(config)
         state = kernelsetup.install(self.kernel_installed)
-        cookie_state = state.get("cookies")
-        self.cookie_interception = ("off (--syn-cookies reset)" if cookie_state is None else
-                                    f"off: {cookie_state['error']}" if "error" in cookie_state
-                                    else "on")
+        self.cookie_interception = _cookie_state(state.get("cookies"))
         returnpath.remove(config.name, config.fwmark, self.kernel_installed.rule_priority)
         if config.return_mode != "on-path":
             returnpath.install(config.name, config.fwmark, self.kernel_installed.rule_priority)
+
+    def replace_kernel_state(self, new: Config) -> None:
+        """A reload's kernel change, make-before-break (kernelsetup.replace): interception
+        never stops. The off-path return rules (returnpath) are rebuilt when their mark,
+        priority or mode change."""
+        old_kernel, old = self.kernel_installed, self.config
+        new_kernel = kernel_config(new)
+        if new_kernel != old_kernel:
+            state = kernelsetup.replace(old_kernel, new_kernel)
+            self.kernel_installed = new_kernel
+            self.cookie_interception = _cookie_state(state.get("cookies"))
+        if (new.return_mode, new.fwmark, new.rule_priority) != (old.return_mode, old.fwmark,
+                                                               old.rule_priority):
+            returnpath.remove(old.name, old.fwmark, old_kernel.rule_priority)
+            if new.return_mode != "on-path":
+                returnpath.install(new.name, new.fwmark, new_kernel.rule_priority)
 
     def remove_kernel_state(self) -> None:
         if self.kernel_installed is None:
@@ -262,7 +284,7 @@ class Master:
         if time.monotonic() > self.stop_deadline:
             self.signal_children(signal.SIGKILL)
         elif not any(c.kind == "worker" for c in self.children.values()):
-            self.signal_children(signal.SIGTERM, kinds=("capture",))
+            self.signal_children(signal.SIGTERM, kinds=SERVICE_KINDS)
 
     def handle_sigquit(self) -> None:
         log.info("quitting at once")
@@ -294,19 +316,21 @@ class Master:
         if new.modules != self.config.modules:
             log.warning("reload: --modules is only read at start; use pipesctl load/unload")
         capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
-                            "fwmark", "return_mode", "hmac_keyring", "require_hmac")
+                            "return_mode", "hmac_keyring", "require_hmac")
+        if new.return_mode != "on-path":   # its return routes (returnpath) carry the mark
+            capture_settings += ("fwmark", "rule_priority")
         capture_changed = any(getattr(new, k) != getattr(self.config, k) for k in capture_settings)
         # The HMAC key file may have changed under the same name: the capture re-reads it.
         capture_changed = capture_changed or bool(new.hmac_keyring)
         if new_kernel != self.kernel_installed or new.return_mode != self.config.return_mode:
             try:
-                self.remove_kernel_state()
-                self.install_kernel_state(new)
-            except (kernelsetup.KernelSetupError, OSError) as exc:
+                self.replace_kernel_state(new)
+            except Exception as exc:  # noqa: BLE001 - KernelSetupError, NetlinkError, OSError
                 log.error("reload: new kernel settings failed (%s): restoring the old ones", exc)
                 self.remove_kernel_state()
                 self.install_kernel_state(self.config)
                 return f"kernel settings: {exc}"
+        metrics_changed = new.metrics_listen != self.config.metrics_listen
         self.config = new
         self.admission.function_bits = new.function_bits
         if capture_changed:
@@ -314,6 +338,10 @@ class Master:
             # queue once the old one has let go (restart backoff, then retries).
             self.signal_children(signal.SIGTERM, kinds=("capture",))
             self.restart_at[("capture", 0)] = time.monotonic() + RESTART_BACKOFF
+        if metrics_changed:
+            # Stopped here; respawn_missing starts it again if there is still an address.
+            self.signal_children(signal.SIGTERM, kinds=("metrics",))
+            self.restart_at[("metrics", 0)] = time.monotonic() + RESTART_BACKOFF
         old = [pid for pid, c in self.children.items() if c.kind == "worker" and not c.stopping]
         self.retiring.update(old)
         self.retire_deadline = time.monotonic() + READY_TIMEOUT
@@ -385,6 +413,24 @@ class Master:
                                                      self.srh_table, routes,
                                                      config.hmac_keyring, config.require_hmac))
 
+    def spawn_metrics(self) -> None:
+        """--metrics-listen: a child serving Prometheus text over HTTP, each scrape one
+        `stats` request to our control socket (metrics.py); it keeps no privilege."""
+        from . import metrics
+
+        host, port = self.config.metrics_listen
+        control = self.config.control
+
+        def serve() -> None:
+            import prctl
+
+            prctl.set_proctitle(f"pipesd: metrics [{self.config.name}]")
+            server = metrics.make_server(host, port, control)
+            system.drop_capabilities(())
+            server.serve_forever()
+
+        self.fork(Child("metrics", 0, -1, self.generation, time.monotonic()), serve)
+
     def spawn_generation(self) -> None:
         self.generation += 1
         for index in range(self.config.workers):
@@ -415,9 +461,13 @@ class Master:
     def respawn_missing(self) -> None:
         now = time.monotonic()
         running = {(c.kind, c.index) for c in self.children.values()
-                   if not c.stopping and (c.kind == "capture" or c.generation == self.generation)}
+                   if not c.stopping and (c.kind in SERVICE_KINDS
+                                          or c.generation == self.generation)}
         if ("capture", 0) not in running and now >= self.restart_at.get(("capture", 0), 0):
             self.spawn_capture()
+        if self.config.metrics_listen and ("metrics", 0) not in running \
+                and now >= self.restart_at.get(("metrics", 0), 0):
+            self.spawn_metrics()
         for index in range(self.config.workers):
             if ("worker", index) not in running and now >= self.restart_at.get(("worker", index), 0):
                 self.spawn_worker(index)
@@ -433,7 +483,7 @@ class Master:
                           (now_ms - last) / 1000)
                 self.kill(pid, signal.SIGKILL)
 
-    def signal_children(self, signum, kinds=("worker", "capture")) -> None:
+    def signal_children(self, signum, kinds=("worker", *SERVICE_KINDS)) -> None:
         for pid, child in list(self.children.items()):
             if child.kind in kinds:
                 child.stopping = True
@@ -449,7 +499,7 @@ class Master:
     def stop_children(self, graceful: bool, timeout: float) -> None:
         """Workers first (they may still be relaying), then the capture process."""
         deadline = time.monotonic() + timeout
-        for kinds in (("worker",), ("capture",)):
+        for kinds in (("worker",), SERVICE_KINDS):
             self.signal_children(signal.SIGTERM if graceful else signal.SIGKILL, kinds)
             while any(c.kind in kinds for c in self.children.values()):
                 if time.monotonic() > deadline:

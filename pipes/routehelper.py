@@ -175,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="install it (pyroute2, root)")
     action.add_argument("--delete", action="store_true", help="remove it")
-    parser.add_argument("-j", "--json", action="store_true", help="print JSON")
+    parser.add_argument("-j", "--json", dest="route_json", action="store_true",
+                        help="print JSON (as pipesctl -j)")
 
 
 def build(args) -> tuple[SteeringRoute, Optional[dict]]:

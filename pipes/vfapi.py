@@ -159,3 +159,19 @@ class FlowAdapter:
         if not self.closed:
             self.closed = True
             self.function.despawn(self.ctx)
+
+
+HEADER = "srv6pipes_vf.h"
+
+
+def include_dir() -> str:
+    """The folder holding the C module header (srv6pipes_vf.h): inside the installed
+    package (setup.py copies it to srv6pipes/include/), else the source tree's cext/.
+    `pipesctl module-cflags` prints it as -I for a module author's compiler."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "include"), os.path.join(os.path.dirname(here), "cext")):
+        if os.path.isfile(os.path.join(folder, HEADER)):
+            return folder
+    raise FileNotFoundError(f"{HEADER} is not installed with srv6pipes ({here})")

@@ -143,7 +143,7 @@ HAPROXY_NFT = """\
 table inet {table} {{
     chain prerouting {{
         type filter hook prerouting priority mangle + 1; policy accept;
-        # TPROXY first (see DESIGN.md: with the socket rule first, SYNs that match a
+        # TPROXY first (see docs/design.md section 3: with the socket rule first, SYNs that match a
         # TIME_WAIT socket stall).
         ip6 daddr {server} tcp dport {{ {ports} }} counter tproxy ip6 to :{port} meta mark set {mark} accept
         # Replies from s to the client's address belong to HAProxy's transparent sockets.
@@ -304,8 +304,8 @@ class Pipesd(Mode):
 
     def stats(self, lab):
         """pipesctl stats as a dict, or None when the daemon does not answer."""
-        res = lab.tb.hosts[self.host].run([program("pipesctl"), "--control", self.control,
-                                           "stats"],
+        res = lab.tb.hosts[self.host].run([program("pipesctl"), "-j", "--control",
+                                           self.control, "stats"],
                                           check=False, timeout=10)
         if res.returncode != 0:
             return None

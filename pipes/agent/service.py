@@ -46,6 +46,7 @@ from ..controller import messages
 from ..controller.messages import ChannelError
 from ..controller.statsocket import read_stats, start_stats_socket, unlink_socket
 from ..controller.model import ConfigError, endpoint, field_value, log_level, reject_unknown
+from .. import logsetup
 from ..ratelimit import RateLimitedLogger
 from ..srhhmac import HmacError, HmacKeyring
 from .kernel import BindingKernel, KernelError
@@ -327,8 +328,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    logging.basicConfig(level=config["log_level"].upper(), stream=sys.stderr,
-                        format="%(asctime)s pipes-agent[%(process)d] %(levelname)s %(message)s")
+    logsetup.setup("pipes-agent", config["log_level"])
     if os.geteuid() != 0:
         print("pipes-agent: must run as root (routes, nftables, HMAC keys)", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from .. import logsetup
 from ..ratelimit import RateLimitedLogger
 from . import dnsquery, messages, model, pathcomp, policy
 from .agentlink import AgentError, AgentLink
@@ -411,9 +412,9 @@ class Controller:
         except asyncio.TimeoutError:
             log.warning("first health probes did not finish within %ss", FIRST_PROBE_WAIT)
         deadline = time.monotonic() + FIRST_PROBE_WAIT
-        while time.monotonic() < deadline and not all(l.adopted for l in self.links.values()):
+        while time.monotonic() < deadline and not all(link.adopted for link in self.links.values()):
             await asyncio.sleep(0.05)
-        for name in sorted(n for n, l in self.links.items() if not l.adopted):
+        for name in sorted(n for n, link in self.links.items() if not link.adopted):
             log.warning("agent of %s not reached: no new bindings there until it is", name)
         self.front = DnsFrontEnd(self.handle_dns, settings["max_queries_per_second"],
                                  self.config.upstream)
@@ -540,9 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check:
         print(json.dumps(summary(config), indent=2))
         return 0
-    logging.basicConfig(level=config.settings["log_level"].upper(), stream=sys.stderr,
-                        format="%(asctime)s pipes-controller[%(process)d] %(levelname)s "
-                               "%(message)s")
+    logsetup.setup("pipes-controller", config.settings["log_level"])
     try:
         controller = Controller(config)
     except (OSError, ValueError) as exc:

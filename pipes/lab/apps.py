@@ -67,10 +67,11 @@ class Pipesd:
             raise
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """pipesctl for this daemon; replies in JSON (-j)."""
         return self.host.run([sys.executable, "-c",
                               "import sys; from srv6pipes.cli import pipesctl_main; "
                               "sys.exit(pipesctl_main(sys.argv[1:]))",
-                              "--control", self.control, *args], check=check)
+                              "-j", "--control", self.control, *args], check=check)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

@@ -26,9 +26,10 @@ link subnets are routed too so that ICMPv6 errors (packet too big) from routers 
 Topologies: ``line`` chains c, p1..pN, s (``proxies=0``: c - r - s); ``star`` hangs every
 host off the router r (off-path proxies: the server's replies must be steered back through
 the proxy, see :meth:`Testbed.steer`); ``campus`` is the control-plane lab (two clients
-behind two access routers, three proxies, a controller host, see CAMPUS_LINKS). Only locators and the hosts' /64s are routed: a
-seg6local behaviour on a router should use an address of its own /64 (e.g. fd00:f::e on r),
-because the kernel looks the route up again for the first segment after inserting an SRH.
+behind two access routers, three proxies, a controller host, see CAMPUS_LINKS). Only
+locators and the hosts' /64s are routed: a seg6local behaviour on a router should use an
+address of its own /64 (e.g. fd00:f::e on r), because the kernel looks the route up again
+for the first segment after inserting an SRH.
 
 Every host (not only proxies and routers) has seg6_enabled=1: a host drops a packet carrying
 an SRH, even with segments-left 0, when its ingress interface has seg6 disabled.

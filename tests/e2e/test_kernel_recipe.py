@@ -1,4 +1,4 @@
-"""The kernel recipe of DESIGN.md section 3, end to end, without the real proxy.
+"""The kernel recipe of docs/design.md section 3, end to end, without the real proxy.
 
 c --SRH[fc00:1::1:0:0, s]--> p1 --> s on a Testbed(proxies=1). In p1: the rules of
 ``srv6pipes.kernelsetup`` and a tiny thread-based transparent proxy written here (listener with
@@ -7,7 +7,7 @@ socket bound to the client's address and port, connected to the accepted socket'
 address = the server). No NFQUEUE reader runs: ``--queue-bypass`` lets the SYNs through.
 
 This is the reference the real daemon follows: if it fails, the kernel does not behave as
-DESIGN.md says.
+docs/design.md says.
 """
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def test_upload_and_download(recipe_lab, tmp_path):
 @pytest.mark.parametrize("recipe_lab", [{"topology": "star"}], indirect=True, ids=["star"])
 def test_off_path_proxy_with_return_steering(recipe_lab):
     """Star: p1 is off the c-s path. Replies of the unmodified server reach the proxy because
-    s steers them through another function address of p1 (DESIGN.md section 4): they take
+    s steers them through another function address of p1 (docs/design.md section 4): they take
     the same mark-and-loop path, then the `socket transparent` lookup (DA = c) finds the
     proxy's onward socket."""
     lab = recipe_lab
