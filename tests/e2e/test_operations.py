@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,11 +77,13 @@ def test_check_fails_on_what_would_stop_a_start(line, trusted_path):
     crashing = trusted_path / "crashing.py"
     crashing.write_text("import os\ndef init():\n    pass\nos.abort()\nFUNCTIONS = []\n")
     crashing.chmod(0o644)
+    # From a root-only folder, wherever the checkout is (one under /tmp would be refused).
+    caesar = shutil.copy(module_path("vf_caesar"), trusted_path)
     running = Pipesd(p1, tb.locator("p1"), name_for("chkrun"), workers=1)
     try:
         result = p1.run([*PIPESD, "--check", "--locator", str(tb.locator("p1")),
                          "--name", running.name, "--keyring", "/nonexistent/keyring",
-                         "--modules", f"{crashing},{module_path('vf_caesar')}"], check=False)
+                         "--modules", f"{crashing},{caesar}"], check=False)
     finally:
         running.stop()
     out = result.stdout
