@@ -267,7 +267,8 @@ def kernel_snapshot(host) -> dict[str, str]:
     state = {
         "nft": out(["nft", "list", "ruleset"]),
         "ip6tables": "\n".join(re.sub(r"\[\d+:\d+\]", "", line)
-                               for line in out(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).splitlines()
+                               for line in out(["ip6tables-legacy-save", "-t",
+                                                kernelsetup.IP6TABLES_TABLE]).splitlines()
                                if not line.startswith("#")),
         "rules": out(["ip", "-6", "rule"]),
         "routes": out(["ip", "-6", "route", "show", "table", "all"]),
