@@ -121,6 +121,15 @@
 #define FC_VF_RESET (-2)
 #define FC_VF_ERROR (-3)
 
+/* Why a function's flow is reset (fc_flow.why, set with FC_VF_RESET / FC_VF_ERROR). */
+#define FC_WHY_NONE 0
+#define FC_WHY_ASKED 1      /* process returned PIPES_VF_RESET */
+#define FC_WHY_FAILED 2     /* process returned PIPES_VF_ERROR */
+#define FC_WHY_RESULT 3     /* a result out of range: output beyond out_cap, consumed more */
+#define FC_WHY_INPLACE 4    /* an INPLACE call that did not return (and consume) its length */
+#define FC_WHY_EOF_LEFT 5   /* at EOF it will not take the input left: bytes would be lost */
+#define FC_WHY_STALLED 6    /* a full input buffer it will not consume */
+
 /* fc_round's other results. */
 #define FC_IDLE 0       /* nothing progressed: wait for events */
 #define FC_AGAIN_ROUND 1
@@ -179,6 +188,7 @@ struct fc_flow {
     unsigned char hup[2];   /* FC_EV_HUP seen: a short read proves nothing */
     unsigned char fin[2];   /* FC_EV_RDHUP seen: the peer's FIN is queued */
     unsigned char use_pipes;    /* identity: bulk directions may move to splice */
+    int why;                /* FC_WHY_*: the function's part in a reset */
     struct fc_dir dir[2];
 };
 
@@ -377,6 +387,12 @@ static inline int fc_next(struct fc_flow *f, int d, struct fc_step *s, struct fc
     }
 }
 
+static inline int fc_vf_fail(struct fc_flow *f, int result, int why)
+{
+    f->why = why;
+    return result;
+}
+
 /* The outcome of op: a byte count, 0, FC_AGAIN, FC_INTR, FC_FAILED or FC_URGENT; for
  * FC_PROCESS the function's return value (op->len then holds what it consumed). Returns 0,
  * or FC_SOCKET_ERROR / FC_VF_RESET / FC_VF_ERROR: the flow must be reset. */
@@ -477,20 +493,20 @@ static inline int fc_done(struct fc_flow *f, int d, struct fc_step *s, const str
         s->progress = 1;
         return 0;
     case FC_PROCESS:
+        if (r == PIPES_VF_RESET)
+            return fc_vf_fail(f, FC_VF_RESET, FC_WHY_ASKED);
+        if (r == PIPES_VF_ERROR)
+            return fc_vf_fail(f, FC_VF_ERROR, FC_WHY_FAILED);
         if (x->path != FC_PATH_STREAM) {   /* in place */
             size_t n = x->fresh;
             x->fresh = 0;
-            if (r == PIPES_VF_RESET)
-                return FC_VF_RESET;
             if (r != (ssize_t)n || op->len != n)
-                return FC_VF_ERROR;
+                return fc_vf_fail(f, FC_VF_ERROR, FC_WHY_INPLACE);
             x->pending += n;
             return 0;
         }
-        if (r == PIPES_VF_RESET)
-            return FC_VF_RESET;
         if (r < 0 || (size_t)r > x->ocap || op->len > x->pending)
-            return FC_VF_ERROR;
+            return fc_vf_fail(f, FC_VF_ERROR, FC_WHY_RESULT);
         x->start += op->len;
         x->pending -= op->len;
         x->ostart = 0;
@@ -499,12 +515,12 @@ static inline int fc_done(struct fc_flow *f, int d, struct fc_step *s, const str
         if (r > 0 || op->len > 0) {
             s->progress = 1;
         } else if (x->eof) {
-            if (x->pending)
-                return FC_VF_ERROR;     /* it will never take the rest: bytes would be lost */
+            if (x->pending)             /* it will never take the rest: bytes would be lost */
+                return fc_vf_fail(f, FC_VF_ERROR, FC_WHY_EOF_LEFT);
             x->flushed = 1;
             s->progress = 1;
-        } else if (x->pending == x->cap) {
-            return FC_VF_ERROR;         /* a full buffer it will not consume: stalled */
+        } else if (x->pending == x->cap) {   /* a full buffer it will not consume */
+            return fc_vf_fail(f, FC_VF_ERROR, FC_WHY_STALLED);
         } else {
             x->starved = 1;             /* it waits for more input */
         }

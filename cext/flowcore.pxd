@@ -36,6 +36,13 @@ cdef extern from "flowcore.h" nogil:
         FC_SOCKET_ERROR
         FC_VF_RESET
         FC_VF_ERROR
+        FC_WHY_NONE
+        FC_WHY_ASKED
+        FC_WHY_FAILED
+        FC_WHY_RESULT
+        FC_WHY_INPLACE
+        FC_WHY_EOF_LEFT
+        FC_WHY_STALLED
         FC_IDLE
         FC_AGAIN_ROUND
         FC_CLOSE
@@ -78,6 +85,7 @@ cdef extern from "flowcore.h" nogil:
         bint hup[2]
         bint fin[2]
         bint use_pipes
+        int why
         fc_dir dir[2]
 
     struct fc_op:
