@@ -35,11 +35,12 @@
  * A step of one direction is a fixed sequence of phases (fc_next walks them with a cursor,
  * struct fc_step, so the order lives here and not in each driver):
  *
- *   GATE   a finished direction does nothing; an identity direction that proved to be a bulk
- *          stream (FC_STREAMER_READS reads in a row of at least a quarter of the buffer) and
- *          whose buffer is empty moves to splice (bytes never overtake each other);
+ *   GATE   a finished direction does nothing;
  *   SEND   bytes read (buffer, pipe) or output by the function (stream) go to dst if it is
  *          writable, once per step;
+ *   SPLICE an identity direction that proved to be a bulk stream (FC_STREAMER_READS reads in
+ *          a row of at least a quarter of the buffer) moves to splice as soon as its buffer
+ *          is empty (bytes never overtake each other), and reads into the pipe from here;
  *   READ   if src is readable, not at EOF, and there is room, once per step. Stream: input
  *          not yet consumed that reached the end of the buffer moves to the front first;
  *   AFTER  in place: the bytes just read are transformed where they lie; splice: at the
@@ -152,11 +153,12 @@
 /* Step phases (struct fc_step.phase). */
 #define FC_PH_GATE 0
 #define FC_PH_SEND 1
-#define FC_PH_READ 2
-#define FC_PH_AFTER 3
-#define FC_PH_CALL 4
-#define FC_PH_FIN 5
-#define FC_PH_END 6
+#define FC_PH_SPLICE 2
+#define FC_PH_READ 3
+#define FC_PH_AFTER 4
+#define FC_PH_CALL 5
+#define FC_PH_FIN 6
+#define FC_PH_END 7
 
 struct fc_dir {
     unsigned char *buf;     /* buffer / in place: buf[start:start + pending] read, not yet
@@ -310,13 +312,8 @@ static inline int fc_next(struct fc_flow *f, int d, struct fc_step *s, struct fc
     for (;;) {
         switch (s->phase++) {
         case FC_PH_GATE:
-            if (x->done) {
+            if (x->done)
                 s->phase = FC_PH_END;
-                break;
-            }
-            if (x->path == FC_PATH_BUFFER && f->use_pipes && x->big_reads >= FC_STREAMER_READS
-                    && x->pending == 0 && !x->eof)
-                return fc_op_set(op, FC_GET_PIPE, NULL, 0, 0);
             break;
         case FC_PH_SEND:
             if (!f->wr[dst])
@@ -332,6 +329,11 @@ static inline int fc_next(struct fc_flow *f, int d, struct fc_step *s, struct fc
                                  x->path == FC_PATH_PIPE ? NULL : x->buf + x->start,
                                  x->pending, f->fin[src] ? FC_MORE : 0);
             }
+            break;
+        case FC_PH_SPLICE:
+            if (x->path == FC_PATH_BUFFER && f->use_pipes && x->big_reads >= FC_STREAMER_READS
+                    && x->pending == 0 && !x->eof)
+                return fc_op_set(op, FC_GET_PIPE, NULL, 0, 0);
             break;
         case FC_PH_READ:
             if (x->eof || !f->rd[src])
@@ -406,8 +408,7 @@ static inline int fc_done(struct fc_flow *f, int d, struct fc_step *s, const str
         if (r > 0) {
             x->path = FC_PATH_PIPE;
             x->pipe_cap = (size_t)r;
-            x->start = 0;
-            s->phase = FC_PH_SEND;      /* the rest of the step on the splice path */
+            x->start = 0;               /* the rest of the step on the splice path */
         } else {
             f->use_pipes = 0;           /* no pipe: the buffer path for good, both ways */
         }
