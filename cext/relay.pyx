@@ -81,85 +81,14 @@ from .ratelimit import RateLimitedLogger
 from .vfapi import FlowAdapter, FlowInfo, ResetFlow
 
 
-cdef extern from "sys/epoll.h" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
-    enum:
-        EPOLLIN
-        EPOLLOUT
-        EPOLLRDHUP
-        EPOLLPRI
-        EPOLLERR
-        EPOLLHUP
-        EPOLLET
-        EPOLL_CTL_ADD
-        EPOLL_CTL_DEL
-        EPOLL_CLOEXEC
-
-
-cdef extern from "fcntl.h" nogil:
-    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        F_SETPIPE_SZ
-        F_GETPIPE_SZ
-        SPLICE_F_MOVE
-        SPLICE_F_NONBLOCK
-        SPLICE_F_MORE
-        O_NONBLOCK
-        O_CLOEXEC
-
-
-cdef extern from "time.h" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clock, timespec *ts)
-    enum:
-        CLOCK_MONOTONIC_COARSE
-
-
-cdef extern from "unistd.h" nogil:
-    int pipe2(int *fds, int flags)
-    ssize_t write(int fd, const void *buf, size_t n)
-
-
-cdef extern from "sys/ioctl.h" nogil:
-    int ioctl(int fd, unsigned long request, ...)
-    enum:
-        SIOCATMARK
-
-
-cdef extern from "sys/socket.h" nogil:
-    struct linger:
-        int l_onoff
-        int l_linger
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int setsockopt(int fd, int level, int optname, const void *optval, unsigned int optlen)
-    int getsockopt(int fd, int level, int optname, void *optval, unsigned int *optlen)
-    enum:
-        SOL_SOCKET
-        SO_LINGER
-        SO_ERROR
-        SHUT_WR
-        MSG_NOSIGNAL
-        MSG_DONTWAIT
-        MSG_MORE
-
+from csystem cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT,
+                      EPOLLRDHUP, EPOLLPRI, EPOLLERR, EPOLLHUP, EPOLLET, EPOLL_CTL_ADD,
+                      EPOLL_CLOEXEC, splice, fcntl, F_SETPIPE_SZ, F_GETPIPE_SZ, SPLICE_F_MOVE,
+                      SPLICE_F_NONBLOCK, SPLICE_F_MORE, O_NONBLOCK, O_CLOEXEC, timespec,
+                      clock_gettime, CLOCK_MONOTONIC_COARSE, pipe2, write, ioctl, SIOCATMARK,
+                      linger, recv, send, shutdown, setsockopt, getsockopt, socklen_t,
+                      SOL_SOCKET, SO_LINGER, SO_ERROR, SHUT_WR, MSG_NOSIGNAL, MSG_DONTWAIT,
+                      MSG_MORE)
 
 from srv6pipes_vf cimport (pipes_flow_info, pipes_func_desc, vf_process_fn, PIPES_VF_EOF,
                            PIPES_VF_RESET, PIPES_VF_ERROR, PIPES_VF_INPLACE)
@@ -329,7 +258,7 @@ cdef inline bint at_urgent_mark(int fd) noexcept nogil:
 
 cdef inline int socket_error(int fd) noexcept nogil:
     cdef int err = 0
-    cdef unsigned int n = sizeof(err)
+    cdef socklen_t n = sizeof(err)
     if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
         return errno
     return err
@@ -386,7 +315,6 @@ cdef class RelayLoop:
     cdef uint64_t idle_timeout_ms[2]    # per side: client, server; 0: none
     cdef uint64_t fin_timeout_ms[2]     # per side, once that side has sent its FIN
     cdef size_t last_pipe_cap           # _get_pipe's result
-    cdef public bint fail_pipes_for_testing  # makes the switch to splice take the fallback path
 
     def __cinit__(self):
         self.epfd = -1
@@ -892,7 +820,7 @@ cdef class RelayLoop:
     cdef ssize_t _to_splice(self, Flow *f, int d) noexcept nogil:
         """Gives identity direction d (its buffer empty) a pipe: returns the pipe's capacity,
         or FC_FAILED (the flow then stays on the buffer path for good)."""
-        if self.fail_pipes_for_testing or self._get_pipe(&f.pipe_r[d], &f.pipe_w[d]) < 0:
+        if self._get_pipe(&f.pipe_r[d], &f.pipe_w[d]) < 0:
             f.ctr[C_SPLICE_FALLBACKS] += 1
             return FC_FAILED
         f.ctr[C_SPLICE_SWITCHES] += 1
