@@ -7,62 +7,43 @@ moves client -> server bytes, direction 1 ("down") server -> client bytes.
 
 The worker (Python) accepts and connects, then hands both descriptors to `RelayLoop.add_flow`;
 from then on the loop owns them and closes each exactly once. `RelayLoop.poll` runs one
-`epoll_wait` and handles every flow event in C without the GIL; it returns True when the
-listening socket is readable so that Python accepts.
+`epoll_wait` and handles every flow event in C without the GIL; it returns LISTENER_READY |
+WATCHED_READY for what Python must serve (0 for nothing).
 
-Per direction the loop holds at most one buffer (`buffer_size` bytes for functions,
-IDENTITY_BUFFER = 16 KiB for identity) and, for bulk identity directions, one pipe of bytes
-read but not yet written. It stops reading a source while that is full,
-so a slow reader is throttled by TCP flow control instead of growing memory.
+This file is the shell around the flow core (cext/flowcore.h, whose comment is the contract):
+every decision (when to read and how much, when the function is called, when to flush, when
+a direction moves to splice, when the FIN may be sent, when a flow is reset) is the core's.
+The shell maps epoll events to the core's inputs, performs the operations the core asks for
+(recv, send, splice, the function's process, shutdown, a pipe) and reports their outcomes,
+and keeps what is not a decision: descriptors, counters, timeouts, the pipe pool, fairness.
 
-Flow life cycle (`Flow.state`):
+Flow life cycle:
 
-    FREE --add_flow--> CONNECTING --EPOLLOUT on server, SO_ERROR == 0--> OPEN
-                           |  SO_ERROR != 0 / EPOLLERR|EPOLLHUP on server -> close: RST client,
-                           |                                                 connect_failed
-                           |  EPOLLERR|EPOLLHUP on client -> close: RST server, flows_reset
-    OPEN: every event pumps both directions until no progress (edge-triggered). A direction
-          reads (src -> buffer/pipe), transforms, writes (buffer/pipe -> dst). At EOF of src
-          and once every byte read is written, shutdown(dst, SHUT_WR) forwards the FIN
-          ("done"). Both directions done -> close both sockets normally (flows_closed).
-          Any error on either socket (ECONNRESET, EPIPE, SO_ERROR after EPOLLERR) -> RST both
-          sides (SO_LINGER {1, 0} + close), flows_reset.
+    add_flow --> connecting --server writable, SO_ERROR 0--> open --both FINs forwarded--> closed
+                   | SO_ERROR / error on the server: connect_failed (RST the client)
+                   | error on the client: reset
+    open: every event pumps the flow: rounds of one step per direction until nothing
+          progresses. Any failed operation, or the function's reset or broken contract:
+          RST both sides (SO_LINGER {1, 0} + close), flows_reset.
 
-Edge-triggered readiness is cached per socket (`Flow.rd` / `Flow.wr`): set by an event, cleared
-on EAGAIN (or on a short recv(), which proves the receive queue empty, unless a FIN, error or
-urgent data was signalled), so a pump skips the syscalls that would certainly block. A pump
-makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list which the
-next poll serves (with a zero epoll timeout), so one fast flow cannot starve the others.
+A pump makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list
+which the next poll serves (with a zero epoll timeout), so one fast flow cannot starve the
+others. Timeouts (set_timeouts) are checked about once a second.
 
-Splice path details: identity starts every direction on the buffer path (recv + send
-into the flow's buffer) and moves a direction to splice once it proves to be a bulk stream:
-STREAMER_READS reads in a row of at least a quarter of the buffer (HAProxy's splice-auto does
-the same). For the few hundred bytes of a request or a small reply, a pipe costs more than
-the copy (two splices and the pipe's page handling instead of one recv + one send: ~15 us per
-1 KB HTTP exchange here); for bulk it saves the copies. The switch happens when the buffer
-is empty, so bytes never overtake each other (`splice_switches` counts directions moved).
-Empty pipes of closed flows are pooled (PIPE_POOL) instead of closed; a pipe that still holds
-bytes (reset flow) is never reused. splice() cannot read past TCP urgent data, so at the
-urgent mark one page is moved with recv() + write() into the empty pipe. If a pipe cannot be
-had (EMFILE...) the flow stays on the buffer path (splice_fallbacks, once per flow).
+Buffers: per direction one buffer (`buffer_size` bytes for functions, IDENTITY_BUFFER = 16 KiB
+for identity), and on the stream path an output buffer of the same size; for bulk identity
+directions one pipe. A full buffer or pipe stops reading its source, so a slow reader is
+throttled by TCP flow control instead of growing memory. Identity starts on the buffer path
+and the core moves a direction that proves to be a bulk stream to splice (HAProxy's
+splice-auto: for the few hundred bytes of a request a pipe costs more than the copy).
+Empty pipes of ended flows are pooled (PIPE_POOL) instead of closed; the core says which
+pipes may be (fc_pipe_reusable: an empty one). If no pipe can be had (EMFILE...) the flow
+stays on the buffer path (splice_fallbacks, once per flow).
 
 Functions (cext/srv6pipes_vf.h) are bound once per flow in add_flow(): a C descriptor
 (built-in, or from a loaded C module) or a Python function (vfapi.FlowAdapter behind a C
-trampoline that takes the GIL). No function means identity: the buffer path without a
-transform, then splice() for directions that turn out to be bulk (above). Per direction the loop then takes one of three
-paths:
-
-  splice    identity in bulk: src -> pipe -> dst (zero copy);
-  in place  identity until then, and PIPES_VF_INPLACE functions (xor, dpi, count): one
-            buffer; each chunk read is transformed where it lies, then written;
-  stream    every other function: an input buffer (bytes read, not yet consumed by the
-            function) and an output buffer (function output not yet written). The function
-            is called when the output buffer is empty and there is new input, or output it
-            still holds (its last call filled the buffer), or EOF to flush; the FIN is
-            forwarded only after the function's EOF flush has been written.
-
-A function's PIPES_VF_RESET resets the flow (vf_resets), PIPES_VF_ERROR or a broken
-contract (stalled, bad return) too (vf_errors); both also count as flows_reset.
+trampoline that takes the GIL). A function's PIPES_VF_RESET resets the flow (vf_resets),
+PIPES_VF_ERROR or a broken contract too (vf_errors); both also count as flows_reset.
 The process must ignore SIGPIPE (Python does): splice() to a reset socket cannot pass
 MSG_NOSIGNAL.
 """
