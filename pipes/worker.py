@@ -230,7 +230,7 @@ class Worker:
             if self.relay is not None:
                 self.relay.shutdown(True)
                 self.relay.close()
-        os._exit(0)
+        os._exit(system.EXIT_OK)
 
     def init_process(self) -> None:
         import prctl
@@ -243,7 +243,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self.handle_stop)
         signal.signal(signal.SIGINT, self.handle_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(1))
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(system.EXIT_CRASHED))
         self.stats.set("pid", os.getpid())
         # Inherited over fork without page tables: map the table in now, not one page
         # fault per first-touched slot on the accept path (SrhTable.prefault).
