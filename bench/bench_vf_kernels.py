@@ -1,9 +1,10 @@
 """Microbenchmarks of the built-in C functions (cext/vf_builtin.h) on 64 KiB chunks.
 
-Each function runs through srv6pipes._vf.FunctionDriver, which calls process() the way the
-relay does (input buffer, output room, INPLACE in place), so the numbers include the
-driver's per-chunk work: a Python call and a copy of the output into a bytes object. `count`
-does almost nothing per byte, so its number is roughly that overhead's ceiling.
+Each function runs through srv6pipes._vf.FunctionDriver, which drives the relay's own flow
+core (cext/flowcore.h: input buffer, output room, INPLACE in place), so the numbers include
+the driver's per-chunk work: a Python call, the copy of each arrival into the core's input
+buffer (what recv does in the relay) and of the output into a bytes object. `count` does
+almost nothing per byte, so its number is roughly that overhead's ceiling.
 
     pytest bench/bench_vf_kernels.py --benchmark-only
 """

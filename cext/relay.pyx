@@ -7,62 +7,43 @@ moves client -> server bytes, direction 1 ("down") server -> client bytes.
 
 The worker (Python) accepts and connects, then hands both descriptors to `RelayLoop.add_flow`;
 from then on the loop owns them and closes each exactly once. `RelayLoop.poll` runs one
-`epoll_wait` and handles every flow event in C without the GIL; it returns True when the
-listening socket is readable so that Python accepts.
+`epoll_wait` and handles every flow event in C without the GIL; it returns LISTENER_READY |
+WATCHED_READY for what Python must serve (0 for nothing).
 
-Per direction the loop holds at most one buffer (`buffer_size` bytes for functions,
-IDENTITY_BUFFER = 16 KiB for identity) and, for bulk identity directions, one pipe of bytes
-read but not yet written. It stops reading a source while that is full,
-so a slow reader is throttled by TCP flow control instead of growing memory.
+This file is the shell around the flow core (cext/flowcore.h, whose comment is the contract):
+every decision (when to read and how much, when the function is called, when to flush, when
+a direction moves to splice, when the FIN may be sent, when a flow is reset) is the core's.
+The shell maps epoll events to the core's inputs, performs the operations the core asks for
+(recv, send, splice, the function's process, shutdown, a pipe) and reports their outcomes,
+and keeps what is not a decision: descriptors, counters, timeouts, the pipe pool, fairness.
 
-Flow life cycle (`Flow.state`):
+Flow life cycle:
 
-    FREE --add_flow--> CONNECTING --EPOLLOUT on server, SO_ERROR == 0--> OPEN
-                           |  SO_ERROR != 0 / EPOLLERR|EPOLLHUP on server -> close: RST client,
-                           |                                                 connect_failed
-                           |  EPOLLERR|EPOLLHUP on client -> close: RST server, flows_reset
-    OPEN: every event pumps both directions until no progress (edge-triggered). A direction
-          reads (src -> buffer/pipe), transforms, writes (buffer/pipe -> dst). At EOF of src
-          and once every byte read is written, shutdown(dst, SHUT_WR) forwards the FIN
-          ("done"). Both directions done -> close both sockets normally (flows_closed).
-          Any error on either socket (ECONNRESET, EPIPE, SO_ERROR after EPOLLERR) -> RST both
-          sides (SO_LINGER {1, 0} + close), flows_reset.
+    add_flow --> connecting --server writable, SO_ERROR 0--> open --both FINs forwarded--> closed
+                   | SO_ERROR / error on the server: connect_failed (RST the client)
+                   | error on the client: reset
+    open: every event pumps the flow: rounds of one step per direction until nothing
+          progresses. Any failed operation, or the function's reset or broken contract:
+          RST both sides (SO_LINGER {1, 0} + close), flows_reset.
 
-Edge-triggered readiness is cached per socket (`Flow.rd` / `Flow.wr`): set by an event, cleared
-on EAGAIN (or on a short recv(), which proves the receive queue empty, unless a FIN, error or
-urgent data was signalled), so a pump skips the syscalls that would certainly block. A pump
-makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list which the
-next poll serves (with a zero epoll timeout), so one fast flow cannot starve the others.
+A pump makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list
+which the next poll serves (with a zero epoll timeout), so one fast flow cannot starve the
+others. Timeouts (set_timeouts) are checked about once a second.
 
-Splice path details: identity starts every direction on the buffer path (recv + send
-into the flow's buffer) and moves a direction to splice once it proves to be a bulk stream:
-STREAMER_READS reads in a row of at least a quarter of the buffer (HAProxy's splice-auto does
-the same). For the few hundred bytes of a request or a small reply, a pipe costs more than
-the copy (two splices and the pipe's page handling instead of one recv + one send: ~15 us per
-1 KB HTTP exchange here); for bulk it saves the copies. The switch happens when the buffer
-is empty, so bytes never overtake each other (`splice_switches` counts directions moved).
-Empty pipes of closed flows are pooled (PIPE_POOL) instead of closed; a pipe that still holds
-bytes (reset flow) is never reused. splice() cannot read past TCP urgent data, so at the
-urgent mark one page is moved with recv() + write() into the empty pipe. If a pipe cannot be
-had (EMFILE...) the flow stays on the buffer path (splice_fallbacks, once per flow).
+Buffers: per direction one buffer (`buffer_size` bytes for functions, IDENTITY_BUFFER = 16 KiB
+for identity), and on the stream path an output buffer of the same size; for bulk identity
+directions one pipe. A full buffer or pipe stops reading its source, so a slow reader is
+throttled by TCP flow control instead of growing memory. Identity starts on the buffer path
+and the core moves a direction that proves to be a bulk stream to splice (HAProxy's
+splice-auto: for the few hundred bytes of a request a pipe costs more than the copy).
+Empty pipes of ended flows are pooled (PIPE_POOL) instead of closed; the core says which
+pipes may be (fc_pipe_reusable: an empty one). If no pipe can be had (EMFILE...) the flow
+stays on the buffer path (splice_fallbacks, once per flow).
 
 Functions (cext/srv6pipes_vf.h) are bound once per flow in add_flow(): a C descriptor
 (built-in, or from a loaded C module) or a Python function (vfapi.FlowAdapter behind a C
-trampoline that takes the GIL). No function means identity: the buffer path without a
-transform, then splice() for directions that turn out to be bulk (above). Per direction the loop then takes one of three
-paths:
-
-  splice    identity in bulk: src -> pipe -> dst (zero copy);
-  in place  identity until then, and PIPES_VF_INPLACE functions (xor, dpi, count): one
-            buffer; each chunk read is transformed where it lies, then written;
-  stream    every other function: an input buffer (bytes read, not yet consumed by the
-            function) and an output buffer (function output not yet written). The function
-            is called when the output buffer is empty and there is new input, or output it
-            still holds (its last call filled the buffer), or EOF to flush; the FIN is
-            forwarded only after the function's EOF flush has been written.
-
-A function's PIPES_VF_RESET resets the flow (vf_resets), PIPES_VF_ERROR or a broken
-contract (stalled, bad return) too (vf_errors); both also count as flows_reset.
+trampoline that takes the GIL). A function's PIPES_VF_RESET resets the flow (vf_resets),
+PIPES_VF_ERROR or a broken contract too (vf_errors); both also count as flows_reset.
 The process must ignore SIGPIPE (Python does): splice() to a reset socket cannot pass
 MSG_NOSIGNAL.
 """
@@ -81,88 +62,26 @@ from .ratelimit import RateLimitedLogger
 from .vfapi import FlowAdapter, FlowInfo, ResetFlow
 
 
-cdef extern from "sys/epoll.h" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
-    enum:
-        EPOLLIN
-        EPOLLOUT
-        EPOLLRDHUP
-        EPOLLPRI
-        EPOLLERR
-        EPOLLHUP
-        EPOLLET
-        EPOLL_CTL_ADD
-        EPOLL_CTL_DEL
-        EPOLL_CLOEXEC
-
-
-cdef extern from "fcntl.h" nogil:
-    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        F_SETPIPE_SZ
-        F_GETPIPE_SZ
-        SPLICE_F_MOVE
-        SPLICE_F_NONBLOCK
-        SPLICE_F_MORE
-        O_NONBLOCK
-        O_CLOEXEC
-
-
-cdef extern from "time.h" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clock, timespec *ts)
-    enum:
-        CLOCK_MONOTONIC_COARSE
-
-
-cdef extern from "unistd.h" nogil:
-    int pipe2(int *fds, int flags)
-    ssize_t write(int fd, const void *buf, size_t n)
-
-
-cdef extern from "sys/ioctl.h" nogil:
-    int ioctl(int fd, unsigned long request, ...)
-    enum:
-        SIOCATMARK
-
-
-cdef extern from "sys/socket.h" nogil:
-    struct linger:
-        int l_onoff
-        int l_linger
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int setsockopt(int fd, int level, int optname, const void *optval, unsigned int optlen)
-    int getsockopt(int fd, int level, int optname, void *optval, unsigned int *optlen)
-    enum:
-        SOL_SOCKET
-        SO_LINGER
-        SO_ERROR
-        SHUT_WR
-        MSG_NOSIGNAL
-        MSG_DONTWAIT
-        MSG_MORE
-
+from csystem cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT,
+                      EPOLLRDHUP, EPOLLPRI, EPOLLERR, EPOLLHUP, EPOLLET, EPOLL_CTL_ADD,
+                      EPOLL_CLOEXEC, splice, fcntl, F_SETPIPE_SZ, F_GETPIPE_SZ, SPLICE_F_MOVE,
+                      SPLICE_F_NONBLOCK, SPLICE_F_MORE, O_NONBLOCK, O_CLOEXEC, timespec,
+                      clock_gettime, CLOCK_MONOTONIC_COARSE, pipe2, write, ioctl, SIOCATMARK,
+                      linger, recv, send, shutdown, setsockopt, getsockopt, socklen_t,
+                      SOL_SOCKET, SO_LINGER, SO_ERROR, SHUT_WR, MSG_NOSIGNAL, MSG_DONTWAIT,
+                      MSG_MORE)
 
 from srv6pipes_vf cimport (pipes_flow_info, pipes_func_desc, vf_process_fn, PIPES_VF_EOF,
                            PIPES_VF_RESET, PIPES_VF_ERROR, PIPES_VF_INPLACE)
+from flowcore cimport (FC_BOUNCE_SIZE, fc_flow, fc_op, fc_step, fc_init, fc_set_buffers, fc_wants_so_error,
+                       fc_event, fc_end, fc_pipe_reusable, fc_begin, fc_next, fc_done, fc_round,
+                       FC_IDENTITY, FC_INPLACE, FC_STREAM, FC_PATH_PIPE, FC_FREE, FC_CONNECTING,
+                       FC_OPEN, FC_CLOSED, FC_RESET, FC_CONNECT_FAILED, FC_END, FC_RECV, FC_SEND,
+                       FC_PROCESS, FC_GET_PIPE, FC_SPLICE_OUT, FC_SPLICE_IN, FC_BOUNCE,
+                       FC_SHUTDOWN, FC_MORE, FC_CHECK_URGENT, FC_AGAIN, FC_INTR, FC_FAILED,
+                       FC_URGENT, FC_VF_RESET, FC_VF_ERROR, FC_IDLE, FC_CLOSE, FC_EV_IN,
+                       FC_EV_OUT, FC_EV_WRITABLE, FC_EV_HUP, FC_EV_RDHUP, FC_EV_ERR,
+                       FC_EV_NOTHING, FC_EV_PUMP, FC_EV_CONNECT_FAILED, FC_EV_RESET)
 
 
 log = logging.getLogger("srv6pipes.vf")
@@ -210,20 +129,8 @@ cdef enum:
 assert N_COUNTERS == len(FUNCTION_COUNTERS)
 
 cdef enum:
-    FREE = 0
-    CONNECTING = 1
-    OPEN = 2
-
-# How a step ended badly (step results below 0): which counter explains the reset.
-cdef enum:
-    STEP_SOCKET_ERROR = -1
-    STEP_VF_RESET = -2
-    STEP_VF_ERROR = -3
-
-cdef enum:
     PUMP_ROUNDS = 32        # rounds per pump before the flow yields to the ready list
     PIPE_POOL = 64          # empty pipes kept for reuse (2 descriptors each)
-    STREAMER_READS = 2      # big reads in a row that move an identity direction to splice
     IDENTITY_BUFFER = 16384 # identity's buffer before splice (HAProxy's bufsize): small
                             # exchanges fit, and 10,000 idle flows take 320 MB, not 1.3 GB
     MAX_EVENTS = 256
@@ -244,24 +151,6 @@ cdef int NO_SHORTCUT = EPOLLRDHUP | EPOLLPRI | EPOLLERR | EPOLLHUP
 cdef int CAN_WRITE = EPOLLOUT | EPOLLERR | EPOLLHUP
 
 
-cdef struct Dir:
-    unsigned char *buf      # splice-less paths: bytes read, buf[start:start + pending] (in
-    size_t start            #   place: ready to write; stream: not yet consumed by the function)
-    size_t pending          # in place / splice: bytes read from src, not yet written to dst
-    unsigned char *obuf     # stream path: function output obuf[ostart:ostart + olen] to write
-    size_t ostart
-    size_t olen
-    int pipe_r              # splice path: the pipe, -1 on the buffer paths
-    int pipe_w
-    size_t pipe_cap
-    bint eof                # src returned EOF
-    bint more               # stream: the function's last call filled obuf; call it again
-    bint starved            # stream: the function made no progress on what it has; wait for input
-    bint flushed            # stream: the EOF flush is complete (nothing more will come out)
-    bint done               # FIN forwarded: shutdown(dst, SHUT_WR) done
-    int big_reads           # identity on the buffer path: reads in a row of >= buffer / 4
-
-
 cdef struct PooledPipe:
     int pipe_r
     int pipe_w
@@ -269,24 +158,18 @@ cdef struct PooledPipe:
 
 
 cdef struct Flow:
+    fc_flow core            # every decision: state, readiness, buffers (cext/flowcore.h)
     int fd[2]               # 0 = client, 1 = server
-    bint rd[2]              # cached readiness (edge-triggered): set by events, cleared on EAGAIN
-    bint wr[2]
-    bint hup[2]             # NO_SHORTCUT event seen: read until EAGAIN, EOF or error
-    bint fin[2]             # EPOLLRDHUP seen: the peer's FIN is queued behind the data
-    int state
+    int pipe_r[2]           # per direction, once it moved to splice; -1 before
+    int pipe_w[2]
     uint32_t gen
     uint64_t started_ms     # add_flow time: the connect timeout counts from here
     uint64_t last_ms[2]     # last byte read from or written to each side (idle timeouts)
-    bint use_pipes          # identity: bulk directions move to splice (cleared if no pipe)
-    size_t bufsize          # each buffer's size: buffer_size, IDENTITY_BUFFER for identity
-    bint stream             # the stream path (in + out buffer per direction)
     uint64_t *ctr           # this flow's function-slot counters
     const pipes_func_desc *fn   # NULL: identity
     vf_process_fn process   # fn.process, or the Python trampoline
     void *ctx               # what spawn returned (a FlowAdapter for Python functions)
     bint py                 # ctx is a Python object we hold a reference to
-    Dir dir[2]
     int next_free
     int ready_prev          # ready list links, valid while queued
     int ready_next
@@ -331,6 +214,15 @@ cdef inline bint would_block(int err) noexcept nogil:
     return err == EAGAIN    # == EWOULDBLOCK on Linux
 
 
+cdef inline ssize_t errno_outcome() noexcept nogil:
+    """A failed system call's errno as the flow core's outcome."""
+    if would_block(errno):
+        return FC_AGAIN
+    if errno == EINTR:
+        return FC_INTR
+    return FC_FAILED
+
+
 cdef inline void close_reset(int fd) noexcept nogil:
     """Close fd so that the peer gets an RST, not a FIN."""
     cdef linger lg
@@ -347,7 +239,7 @@ cdef inline bint at_urgent_mark(int fd) noexcept nogil:
 
 cdef inline int socket_error(int fd) noexcept nogil:
     cdef int err = 0
-    cdef unsigned int n = sizeof(err)
+    cdef socklen_t n = sizeof(err)
     if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
         return errno
     return err
@@ -403,7 +295,7 @@ cdef class RelayLoop:
     cdef uint64_t connect_timeout_ms    # 0: none (the kernel's SYN retries decide)
     cdef uint64_t idle_timeout_ms[2]    # per side: client, server; 0: none
     cdef uint64_t fin_timeout_ms[2]     # per side, once that side has sent its FIN
-    cdef public bint fail_pipes_for_testing  # makes the switch to splice take the fallback path
+    cdef size_t last_pipe_cap           # _get_pipe's result
 
     def __cinit__(self):
         self.epfd = -1
@@ -549,7 +441,6 @@ cdef class RelayLoop:
             ctr[C_REJECTED] += 1
             return
         f = &self.flows[idx]
-        memset(&f.dir[0], 0, sizeof(Dir) * 2)
         f.fd[0] = client_fd
         f.fd[1] = server_fd
         f.gen += 1
@@ -560,13 +451,19 @@ cdef class RelayLoop:
         f.ctx = NULL
         f.py = False
         for d in range(2):
-            f.rd[d] = True
-            f.wr[d] = True
-            f.hup[d] = False
-            f.fin[d] = False
-            f.dir[d].pipe_r = -1
-            f.dir[d].pipe_w = -1
-        f.state = CONNECTING if connecting else OPEN
+            f.pipe_r[d] = -1
+            f.pipe_w[d] = -1
+        if fn == NULL and pyfunction is None:
+            # Identity: pipes come when a direction proves to be bulk.
+            fc_init(&f.core, FC_IDENTITY, connecting)
+        elif fn != NULL:
+            f.fn = fn
+            f.process = fn.process
+            fc_init(&f.core, FC_INPLACE if fn.flags & PIPES_VF_INPLACE else FC_STREAM,
+                    connecting)
+        else:
+            f.process = py_process
+            fc_init(&f.core, FC_STREAM, connecting)
         self.now_ms = monotonic_ms()
         f.started_ms = self.now_ms
         f.last_ms[0] = self.now_ms
@@ -575,19 +472,6 @@ cdef class RelayLoop:
         ctr[C_STARTED] += 1
         ctr[C_ACTIVE] += 1
 
-        f.use_pipes = False
-        f.stream = False
-        f.bufsize = self.buffer_size
-        if fn == NULL and pyfunction is None:
-            f.use_pipes = True      # pipes come when a direction proves to be bulk
-            f.bufsize = min(self.buffer_size, <size_t>IDENTITY_BUFFER)
-        elif fn != NULL:
-            f.fn = fn
-            f.process = fn.process
-            f.stream = not (fn.flags & PIPES_VF_INPLACE)
-        else:
-            f.process = py_process
-            f.stream = True
         if self._alloc_buffers(f) < 0:
             # Undo the start: this flow never existed.
             ctr[C_STARTED] -= 1
@@ -597,7 +481,7 @@ cdef class RelayLoop:
             close_reset(server_fd)
             f.fd[0] = -1
             f.fd[1] = -1
-            f.state = FREE
+            fc_end(&f.core)
             f.next_free = self.free_head
             self.free_head = idx
             ctr[C_REJECTED] += 1
@@ -662,7 +546,6 @@ cdef class RelayLoop:
     cdef int _poll(self, int timeout) noexcept nogil:
         cdef int n, i, side, idx, count
         cdef uint64_t token
-        cdef uint32_t evs
         cdef int ready = 0
         cdef Flow *f
         if self.ready_head >= 0:
@@ -684,18 +567,9 @@ cdef class RelayLoop:
             if idx >= self.max_flows:
                 continue
             f = &self.flows[idx]
-            if f.state == FREE or f.gen != <uint32_t>(token >> 32):
+            if f.core.state == FC_FREE or f.gen != <uint32_t>(token >> 32):
                 continue
-            evs = self.events[i].events
-            if evs & CAN_READ:
-                f.rd[side] = True
-                if evs & NO_SHORTCUT:
-                    f.hup[side] = True
-                if evs & EPOLLRDHUP:
-                    f.fin[side] = True
-            if evs & CAN_WRITE:
-                f.wr[side] = True
-            self._handle(f, side, evs)
+            self._handle(f, side, self.events[i].events)
         # Serve the flows that ran out of budget, each at most once per poll.
         count = self.nready
         while count > 0 and self.ready_head >= 0:
@@ -716,37 +590,45 @@ cdef class RelayLoop:
         cdef Flow *f
         for i in range(self.high_water):
             f = &self.flows[i]
-            if f.state == CONNECTING:
+            if f.core.state == FC_CONNECTING:
                 if self.connect_timeout_ms and self.now_ms - f.started_ms > self.connect_timeout_ms:
                     f.ctr[C_TIMEOUTS_CONNECT] += 1
                     self._finish(f, C_CONNECT_FAILED)
-            elif f.state == OPEN:
+            elif f.core.state == FC_OPEN:
                 for side in range(2):
                     # dir[side] reads from side: its eof is that side's FIN.
-                    limit = self.fin_timeout_ms[side] if f.dir[side].eof else self.idle_timeout_ms[side]
+                    limit = (self.fin_timeout_ms[side] if f.core.dir[side].eof
+                             else self.idle_timeout_ms[side])
                     if limit and self.now_ms - f.last_ms[side] > limit:
                         f.ctr[C_TIMEOUTS_CLIENT + side] += 1
                         self._finish(f, C_RESET)
                         break
 
     cdef void _handle(self, Flow *f, int side, uint32_t evs) noexcept nogil:
-        cdef int err
-        if f.state == CONNECTING:
-            if side == 1:
-                err = socket_error(f.fd[1])
-                if err != 0 or (evs & (EPOLLERR | EPOLLHUP)):
-                    self._finish(f, C_CONNECT_FAILED)
-                    return
-                if not (evs & EPOLLOUT):
-                    return
-                f.state = OPEN
-            else:
-                # The client may send (and even half-close) before the server answers: that
-                # is read once connected. An error means it gave up: abort the connect.
-                if evs & (EPOLLERR | EPOLLHUP):
-                    self._finish(f, C_RESET)
-                return
-        if self._pump(f):
+        """One epoll event: the core updates the side's readiness and says what follows."""
+        cdef int ev = 0
+        cdef int what
+        if evs & CAN_READ:
+            ev = FC_EV_IN
+            if evs & NO_SHORTCUT:
+                ev |= FC_EV_HUP
+            if evs & EPOLLRDHUP:
+                ev |= FC_EV_RDHUP
+        if evs & CAN_WRITE:
+            ev |= FC_EV_OUT
+        if evs & EPOLLOUT:
+            ev |= FC_EV_WRITABLE
+        if evs & (EPOLLERR | EPOLLHUP):
+            ev |= FC_EV_ERR
+        what = fc_event(&f.core, side, ev,
+                        socket_error(f.fd[side]) if fc_wants_so_error(&f.core, side) else 0)
+        if what == FC_EV_CONNECT_FAILED:
+            self._finish(f, C_CONNECT_FAILED)
+            return
+        if what == FC_EV_RESET:
+            self._finish(f, C_RESET)
+            return
+        if what != FC_EV_PUMP or self._pump(f):
             return
         if evs & EPOLLERR:
             # A pending error the pump did not meet (e.g. an RST on a socket we no longer
@@ -754,287 +636,115 @@ cdef class RelayLoop:
             if socket_error(f.fd[side]) != 0:
                 self._finish(f, C_RESET)
 
-    # -- moving bytes ----------------------------------------------------------------------
+    # -- moving bytes: the shell around the flow core ------------------------------------------
     cdef int _pump(self, Flow *f) noexcept nogil:
-        """Moves bytes both ways until nothing progresses. Returns 1 if the flow was closed."""
-        cdef int rounds = 0, a, b
-        if f.state != OPEN:
+        """Rounds of one step per direction until nothing progresses, the flow ends, or its
+        budget (PUMP_ROUNDS) is used up. Returns 1 if the flow was closed."""
+        cdef int rounds = 0, a, b, verdict
+        if f.core.state != FC_OPEN:
             return 0
         while True:
-            if f.stream:
-                a = self._step_stream(f, 0)
-                b = self._step_stream(f, 1) if a >= 0 else 0
-            else:   # identity and in place; an identity direction in bulk has a pipe
-                a = (self._step_pipe(f, 0) if f.dir[0].pipe_r >= 0 else self._step_buf(f, 0))
-                if a >= 0:
-                    b = (self._step_pipe(f, 1) if f.dir[1].pipe_r >= 0 else self._step_buf(f, 1))
-                else:
-                    b = 0
-            if a < 0 or b < 0:
-                a = a if a < 0 else b
-                if a == STEP_VF_RESET:
+            a = self._step(f, 0)
+            b = self._step(f, 1) if a >= 0 else 0
+            verdict = fc_round(&f.core, a, b)
+            if verdict == FC_IDLE:
+                return 0
+            if verdict == FC_CLOSE:
+                self._finish(f, C_CLOSED)
+                return 1
+            if verdict < 0:
+                if verdict == FC_VF_RESET:
                     f.ctr[C_VF_RESETS] += 1
-                elif a == STEP_VF_ERROR:
+                elif verdict == FC_VF_ERROR:
                     f.ctr[C_VF_ERRORS] += 1
                 self._finish(f, C_RESET)
                 return 1
-            if f.dir[0].done and f.dir[1].done:
-                self._finish(f, C_CLOSED)
-                return 1
-            if not (a or b):
-                return 0
             rounds += 1
             if rounds >= PUMP_ROUNDS:
                 self._enqueue(f)
                 return 0
 
-    cdef int _step_buf(self, Flow *f, int d) noexcept nogil:
-        """In place: one write + one read (transformed where it lies) on direction d.
-        Returns 1 on progress, 0 when blocked or finished, a STEP_* error below 0."""
-        cdef Dir *x = &f.dir[d]
-        cdef int src = d, dst = 1 - d
-        cdef ssize_t n
+    cdef int _step(self, Flow *f, int d) noexcept nogil:
+        """One step of direction d: performs the operations the core asks for, in order.
+        Returns 1 on progress, 0 when blocked or finished, a reset reason below 0."""
+        cdef fc_step s
+        cdef fc_op op
         cdef int r
-        cdef int progress = 0
-        if x.done:
-            return 0
-        if (f.use_pipes and x.big_reads >= STREAMER_READS and x.pending == 0 and not x.eof
-                and self._to_splice(f, x)):
-            return self._step_pipe(f, d)
-        if x.pending and f.wr[dst]:
-            # Once the source's FIN is known to follow, MSG_MORE holds the last bytes back
-            # for the shutdown() that comes next in this pump: the FIN rides on the last
-            # data segment instead of costing a packet of its own (HAProxy's does too).
-            r = self._send(f, d, x.buf, &x.start, &x.pending, f.fin[src])
+        fc_begin(&s)
+        while fc_next(&f.core, d, &s, &op) != FC_END:
+            r = fc_done(&f.core, d, &s, &op, self._perform(f, d, &op))
             if r < 0:
                 return r
-            progress |= r
-        if not x.eof and f.rd[src]:
-            n = self._fill(f, d, &progress)
-            if n < 0:
-                return <int>n
-            if n > 0 and f.process != NULL:
-                r = self._process_inplace(f, d, x.buf + x.start + x.pending, <size_t>n)
-                if r < 0:
-                    return r
-            elif n > 0 and f.use_pipes:
-                x.big_reads = x.big_reads + 1 if <size_t>n * 4 >= f.bufsize else 0
-            x.pending += n
-        if x.eof and x.pending == 0:
-            if shutdown(f.fd[dst], SHUT_WR) < 0:
-                return -1
-            x.done = True
-            progress = 1
-        return progress
+        return s.progress
 
-    cdef int _send(self, Flow *f, int d, const unsigned char *buf, size_t *start,
-                   size_t *length, bint more) noexcept nogil:
-        """Sends buf[start:start + length] to direction d's destination, advancing both.
-        Returns 1 on progress, 0 when blocked, STEP_SOCKET_ERROR."""
-        cdef int dst = 1 - d
-        cdef ssize_t n = send(f.fd[dst], buf + start[0], length[0],
-                              MSG_NOSIGNAL | MSG_DONTWAIT | (MSG_MORE if more else 0))
-        if n > 0:
-            start[0] += n
-            length[0] -= n
-            f.ctr[C_BYTES_UP + d] += <uint64_t>n
-            f.last_ms[dst] = self.now_ms
-            return 1
-        if n < 0 and would_block(errno):
-            f.wr[dst] = False
-            return 0
-        if n < 0 and errno == EINTR:
-            return 1
-        return STEP_SOCKET_ERROR
-
-    cdef ssize_t _fill(self, Flow *f, int d, int *progress) noexcept nogil:
-        """Reads into direction d's buffer, after its pending bytes, if there is room (the
-        caller accounts for what was read). Returns the bytes read (0: none now, EOF or no
-        room) or STEP_SOCKET_ERROR; sets *progress if the pump should go round again."""
-        cdef Dir *x = &f.dir[d]
-        cdef size_t room
-        cdef ssize_t n
-        if x.pending == 0:
-            x.start = 0
-        room = f.bufsize - x.start - x.pending
-        if room == 0:
-            return 0
-        n = self._recv(f, d, x.buf + x.start + x.pending, room)
-        if n >= 0 and (n > 0 or x.eof or f.rd[d]):
-            progress[0] = 1
-        return n
-
-    cdef ssize_t _recv(self, Flow *f, int d, unsigned char *p, size_t room) noexcept nogil:
-        """Reads up to room bytes of direction d's source into p. Returns the bytes read,
-        0 (EOF: sets eof; would block: clears rd; EINTR: rd stays set so the pump retries),
-        or STEP_SOCKET_ERROR."""
-        cdef int src = d
-        cdef ssize_t n = recv(f.fd[src], p, room, MSG_DONTWAIT)
-        if n >= 0:
-            f.last_ms[src] = self.now_ms
-        if n > 0:
-            # A short TCP read means the receive queue was empty: data arriving later
-            # wakes epoll again, so skip the recv that would say EAGAIN. Not once a
-            # FIN/RST was signalled: nothing would report it again.
-            if <size_t>n < room and not f.hup[src]:
-                f.rd[src] = False
-            return n
-        if n == 0:
-            f.dir[d].eof = True
-            return 0
-        if would_block(errno):
-            f.rd[src] = False
-            return 0
-        if errno == EINTR:
-            return 0
-        return STEP_SOCKET_ERROR
-
-    cdef int _process_inplace(self, Flow *f, int d, unsigned char *p, size_t n) noexcept nogil:
-        """Runs an INPLACE function over the n bytes just read at p. 0, or a STEP_* error."""
-        cdef size_t consumed = n
-        cdef ssize_t r = f.process(f.ctx, d, p, &consumed, p, n, 0)
-        if r == PIPES_VF_RESET:
-            return STEP_VF_RESET
-        if r != <ssize_t>n or consumed != n:
-            return STEP_VF_ERROR
-        return 0
-
-    cdef int _step_stream(self, Flow *f, int d) noexcept nogil:
-        """Stream path: write pending output, read input, let the function turn input into
-        output. Same results as _step_buf."""
-        cdef Dir *x = &f.dir[d]
+    cdef ssize_t _perform(self, Flow *f, int d, fc_op *op) noexcept nogil:
+        """The system call (or function call) behind one operation of direction d. Returns
+        its outcome for fc_done: a byte count, 0, or FC_AGAIN / FC_INTR / FC_FAILED /
+        FC_URGENT. Counts the bytes delivered and keeps the sides' last activity."""
         cdef int src = d, dst = 1 - d
         cdef ssize_t n
-        cdef size_t consumed
-        cdef int r
-        cdef int progress = 0
-        if x.done:
-            return 0
-        if x.olen and f.wr[dst]:
-            r = self._send(f, d, x.obuf, &x.ostart, &x.olen, False)
-            if r < 0:
-                return r
-            progress |= r
-        if not x.eof and f.rd[src]:
-            if x.pending and x.start + x.pending == f.bufsize:
-                # Unconsumed input at the end of the buffer: move it to the front for room.
-                memmove(x.buf, x.buf + x.start, x.pending)
-                x.start = 0
-            n = self._fill(f, d, &progress)
-            if n < 0:
-                return <int>n
+        cdef int err
+        if op.kind == FC_RECV:
+            n = recv(f.fd[src], op.buf, op.len, MSG_DONTWAIT)
+            if n >= 0:
+                f.last_ms[src] = self.now_ms
+                return n
+            return errno_outcome()
+        if op.kind == FC_SEND:
+            n = send(f.fd[dst], op.buf, op.len,
+                     MSG_NOSIGNAL | MSG_DONTWAIT | (MSG_MORE if op.flags & FC_MORE else 0))
             if n > 0:
-                x.pending += n
-                x.starved = False
-        # The function runs once its last output is written: bounded output, no queue.
-        if x.olen == 0 and not x.flushed and (x.eof or x.more or (x.pending and not x.starved)):
-            consumed = x.pending
-            n = f.process(f.ctx, d, x.buf + x.start, &consumed, x.obuf, f.bufsize,
-                          PIPES_VF_EOF if x.eof else 0)
-            if n == PIPES_VF_RESET:
-                return STEP_VF_RESET
-            if n < 0 or <size_t>n > f.bufsize or consumed > x.pending:
-                return STEP_VF_ERROR
-            x.start += consumed
-            x.pending -= consumed
-            x.ostart = 0
-            x.olen = <size_t>n
-            x.more = <size_t>n == f.bufsize
-            if n > 0 or consumed > 0:
-                progress = 1
-            elif x.eof:
-                if x.pending:
-                    return STEP_VF_ERROR    # it will never take the rest: bytes would be lost
-                x.flushed = True
-                progress = 1
-            elif x.pending == f.bufsize:
-                return STEP_VF_ERROR        # a full buffer it will not consume: stalled
-            else:
-                x.starved = True            # it waits for more input
-        if x.flushed and x.olen == 0:
-            if shutdown(f.fd[dst], SHUT_WR) < 0:
-                return STEP_SOCKET_ERROR
-            x.done = True
-            progress = 1
-        return progress
-
-    cdef int _step_pipe(self, Flow *f, int d) noexcept nogil:
-        """One splice out of + one splice into direction d's pipe. Same results as _step_buf."""
-        cdef Dir *x = &f.dir[d]
-        cdef int src = d, dst = 1 - d
-        cdef ssize_t n
-        cdef int progress = 0
-        if x.done:
-            return 0
-        if x.pending and f.wr[dst]:
-            n = splice(x.pipe_r, NULL, f.fd[dst], NULL, x.pending,   # MORE: see _step_buf
-                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK | (SPLICE_F_MORE if f.fin[src] else 0))
-            if n > 0:
-                x.pending -= n
                 f.ctr[C_BYTES_UP + d] += <uint64_t>n
                 f.last_ms[dst] = self.now_ms
-                progress = 1
-            elif n < 0:
-                if would_block(errno):
-                    f.wr[dst] = False
-                elif errno == EINTR:
-                    progress = 1
-                else:
-                    return -1
-        if not x.eof and f.rd[src] and x.pending < x.pipe_cap:
-            n = splice(f.fd[src], NULL, x.pipe_w, NULL, x.pipe_cap - x.pending,
+                return n
+            return errno_outcome() if n < 0 else FC_FAILED
+        if op.kind == FC_PROCESS:
+            return f.process(f.ctx, d, op.buf, &op.len, op.out, op.out_cap,
+                             op.flags & PIPES_VF_EOF)
+        if op.kind == FC_SPLICE_OUT:
+            n = splice(f.pipe_r[d], NULL, f.fd[dst], NULL, op.len, SPLICE_F_MOVE
+                       | SPLICE_F_NONBLOCK | (SPLICE_F_MORE if op.flags & FC_MORE else 0))
+            if n > 0:
+                f.ctr[C_BYTES_UP + d] += <uint64_t>n
+                f.last_ms[dst] = self.now_ms
+                return n
+            return errno_outcome() if n < 0 else 0
+        if op.kind == FC_SPLICE_IN:
+            n = splice(f.fd[src], NULL, f.pipe_w[d], NULL, op.len,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n >= 0:
                 f.last_ms[src] = self.now_ms
             if n > 0:
-                x.pending += n
-                progress = 1
-            elif n < 0 and errno == EINTR:
-                progress = 1
-            elif n < 0 and not would_block(errno):
-                return -1
-            elif f.hup[src] and at_urgent_mark(f.fd[src]):
-                # splice() cannot read past TCP urgent data: it reports EOF (FIN queued) or
-                # EAGAIN there, though bytes follow. Once the pipe is empty, recv() moves
-                # past the mark (dropping the urgent byte, as the buffer path does).
-                if x.pending == 0:
-                    n = self._bounce(f, d)
-                    if n < 0:
-                        return -1
-                    progress = 1
-            elif n == 0:
-                x.eof = True
-                progress = 1
-            elif x.pending == 0:
-                # EAGAIN means "socket empty" or "pipe full" (a pipe counts pages, not
-                # bytes). Only an empty pipe proves the socket is drained; otherwise keep the
-                # readiness and retry after the next write.
-                f.rd[src] = False
-        # Never forward the FIN while bytes are still in the pipe.
-        if x.eof and x.pending == 0:
-            if shutdown(f.fd[dst], SHUT_WR) < 0:
-                return -1
-            x.done = True
-            progress = 1
-        return progress
+                return n
+            if n < 0:
+                err = errno
+                if err == EINTR:
+                    return FC_INTR
+                if not would_block(err):
+                    return FC_FAILED
+            # Nothing moved: EOF or EAGAIN, or (after a NO_SHORTCUT event) the urgent mark,
+            # which splice() cannot pass: it reports EOF or EAGAIN there though bytes follow.
+            if op.flags & FC_CHECK_URGENT and at_urgent_mark(f.fd[src]):
+                return FC_URGENT
+            return n if n == 0 else FC_AGAIN
+        if op.kind == FC_BOUNCE:
+            return self._bounce(f, d, op.len)
+        if op.kind == FC_GET_PIPE:
+            return self._to_splice(f, d)
+        if op.kind == FC_SHUTDOWN:
+            return 0 if shutdown(f.fd[dst], SHUT_WR) == 0 else FC_FAILED
+        return FC_FAILED
 
-    cdef int _bounce(self, Flow *f, int d) noexcept nogil:
-        """recv() up to one page from direction d's source into its (empty) pipe.
-        Returns bytes moved (0 at EOF or EAGAIN), -1 on error."""
-        cdef Dir *x = &f.dir[d]
-        cdef unsigned char page[4096]
-        cdef ssize_t n = recv(f.fd[d], page, sizeof(page), MSG_DONTWAIT)
-        if n == 0:
-            x.eof = True
-            return 0
+    cdef ssize_t _bounce(self, Flow *f, int d, size_t size) noexcept nogil:
+        """recv() up to one page from direction d's source into its (empty) pipe. Returns
+        bytes moved, 0 at EOF, or FC_AGAIN / FC_INTR / FC_FAILED."""
+        cdef unsigned char page[FC_BOUNCE_SIZE]
+        cdef ssize_t n = recv(f.fd[d], page, min(size, sizeof(page)), MSG_DONTWAIT)
         if n < 0:
-            if would_block(errno) or errno == EINTR:
-                return 0
-            return -1
+            return errno_outcome()
         # A write of at most one page into an empty pipe always completes.
-        if write(x.pipe_w, page, <size_t>n) != n:
-            return -1
-        x.pending += n
+        if n > 0 and write(f.pipe_w[d], page, <size_t>n) != n:
+            return FC_FAILED
         return n
 
     # -- ready list (flows that used up their pump budget) -----------------------------------
@@ -1067,71 +777,71 @@ cdef class RelayLoop:
         self.nready -= 1
 
     # -- pipes -----------------------------------------------------------------------------
-    cdef int _get_pipe(self, Dir *x) noexcept nogil:
-        """Gives x an empty pipe: a pooled one, or a new one sized pipe_size. -1 on failure."""
+    cdef int _get_pipe(self, int *pipe_r, int *pipe_w) noexcept nogil:
+        """An empty pipe: a pooled one, or a new one sized pipe_size; its capacity is left
+        in last_pipe_cap. -1 on failure."""
         cdef int p[2]
         cdef int r
         if self.pool_len > 0:
             self.pool_len -= 1
-            x.pipe_r = self.pool[self.pool_len].pipe_r
-            x.pipe_w = self.pool[self.pool_len].pipe_w
-            x.pipe_cap = self.pool[self.pool_len].pipe_cap
+            pipe_r[0] = self.pool[self.pool_len].pipe_r
+            pipe_w[0] = self.pool[self.pool_len].pipe_w
+            self.last_pipe_cap = self.pool[self.pool_len].pipe_cap
             return 0
         if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
             return -1
-        x.pipe_r = p[0]
-        x.pipe_w = p[1]
+        pipe_r[0] = p[0]
+        pipe_w[0] = p[1]
         r = fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
         if r < 0:
             r = fcntl(p[1], F_GETPIPE_SZ)
-        x.pipe_cap = r if r > 0 else 65536
+        self.last_pipe_cap = r if r > 0 else 65536
         return 0
 
-    cdef bint _to_splice(self, Flow *f, Dir *x) noexcept nogil:
-        """Moves an identity direction whose buffer is empty to splice. False (and the
-        flow stays on the buffer path for good) when no pipe can be had."""
-        if self.fail_pipes_for_testing or self._get_pipe(x) < 0:
-            f.use_pipes = False
+    cdef ssize_t _to_splice(self, Flow *f, int d) noexcept nogil:
+        """Gives identity direction d (its buffer empty) a pipe: returns the pipe's capacity,
+        or FC_FAILED (the flow then stays on the buffer path for good)."""
+        if self._get_pipe(&f.pipe_r[d], &f.pipe_w[d]) < 0:
             f.ctr[C_SPLICE_FALLBACKS] += 1
-            return False
-        x.start = 0
+            return FC_FAILED
         f.ctr[C_SPLICE_SWITCHES] += 1
-        return True
+        return self.last_pipe_cap
 
     cdef void _close_pipes(self, Flow *f) noexcept nogil:
-        """Returns each empty pipe to the pool (HAProxy's trick: two pipe2 + two fcntl + four
-        close saved per flow) and closes the others: a pipe with bytes left in it (reset
-        flows) cannot be reused."""
+        """Returns each pipe the core calls reusable (empty) to the pool (HAProxy's trick:
+        two pipe2 + two fcntl + four close saved per flow) and closes the others: a pipe with
+        bytes left in it (reset flows) must not be reused."""
         cdef int d
-        cdef Dir *x
         for d in range(2):
-            x = &f.dir[d]
-            if x.pipe_r < 0:
+            if f.pipe_r[d] < 0:
                 continue
-            if x.pending == 0 and self.pool_len < PIPE_POOL:
-                self.pool[self.pool_len].pipe_r = x.pipe_r
-                self.pool[self.pool_len].pipe_w = x.pipe_w
-                self.pool[self.pool_len].pipe_cap = x.pipe_cap
+            if fc_pipe_reusable(&f.core, d) and self.pool_len < PIPE_POOL:
+                self.pool[self.pool_len].pipe_r = f.pipe_r[d]
+                self.pool[self.pool_len].pipe_w = f.pipe_w[d]
+                self.pool[self.pool_len].pipe_cap = f.core.dir[d].pipe_cap
                 self.pool_len += 1
             else:
-                close(x.pipe_r)
-                close(x.pipe_w)
-            x.pipe_r = -1
-            x.pipe_w = -1
+                close(f.pipe_r[d])
+                close(f.pipe_w[d])
+            f.pipe_r[d] = -1
+            f.pipe_w[d] = -1
 
     # -- buffers and function contexts -------------------------------------------------------
     cdef int _alloc_buffers(self, Flow *f) noexcept nogil:
         """One allocation for every buffer of the flow (freed in _finish): one per direction
-        in place, an input and an output buffer per direction on the stream path."""
-        cdef size_t size = f.bufsize
-        cdef unsigned char *block = <unsigned char *>malloc((4 if f.stream else 2) * size)
+        (buffer_size, IDENTITY_BUFFER at most for identity), and on the stream path an
+        output buffer of the same size too."""
+        cdef size_t size = self.buffer_size
+        cdef bint stream = f.core.mode == FC_STREAM
+        cdef unsigned char *block
+        if f.core.mode == FC_IDENTITY:
+            size = min(size, <size_t>IDENTITY_BUFFER)
+        block = <unsigned char *>malloc((4 if stream else 2) * size)
         if block == NULL:
             return -1
-        f.dir[0].buf = block
-        f.dir[1].buf = block + size
-        if f.stream:
-            f.dir[0].obuf = block + 2 * size
-            f.dir[1].obuf = block + 3 * size
+        fc_set_buffers(&f.core, 0, block, size, block + 2 * size if stream else NULL, size)
+        fc_set_buffers(&f.core, 1, block + size, size, block + 3 * size if stream else NULL,
+                       size)
         return 0
 
     cdef void _despawn(self, Flow *f) noexcept nogil:
@@ -1158,8 +868,9 @@ cdef class RelayLoop:
         how: C_CLOSED (normal close), C_RESET (RST both sides), C_CONNECT_FAILED (RST the
         client; the failed server socket is just closed)."""
         cdef int idx = <int>(f - self.flows)
-        if f.state == FREE:
-            return
+        cdef unsigned char *block = f.core.dir[0].buf
+        if not fc_end(&f.core):
+            return      # ended already: exactly once
         self._unqueue(f)
         if how == C_CLOSED:
             # Every flow's sockets carry SO_LINGER {1, 0} (the listener's, inherited, and the
@@ -1176,17 +887,13 @@ cdef class RelayLoop:
         f.fd[0] = -1
         f.fd[1] = -1
         self._close_pipes(f)
-        if f.dir[0].buf != NULL:
-            free(f.dir[0].buf)
-        f.dir[0].buf = NULL
-        f.dir[1].buf = NULL
-        f.dir[0].obuf = NULL
-        f.dir[1].obuf = NULL
+        free(block)
+        f.core.dir[0].buf = NULL
+        f.core.dir[1].buf = NULL
         if f.ctx != NULL:
             self._despawn(f)
         f.ctr[C_ACTIVE] -= 1
         f.ctr[how] += 1
-        f.state = FREE
         f.next_free = self.free_head
         self.free_head = idx
         self.nactive -= 1
@@ -1203,7 +910,7 @@ cdef class RelayLoop:
         for i in range(self.high_water):
             if self.nactive == 0:
                 break
-            if self.flows[i].state != FREE:
+            if self.flows[i].core.state != FC_FREE:
                 self._finish(&self.flows[i], how)
 
     cdef void _close(self):

@@ -26,56 +26,18 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 
 import os
 
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    ctypedef unsigned short sa_family_t
-    struct sockaddr:
-        sa_family_t sa_family
-    struct linger:
-        int l_onoff
-        int l_linger
-    int AF_INET6
-    int SOCK_STREAM
-    int SOCK_NONBLOCK
-    int SOCK_CLOEXEC
-    int SOL_SOCKET
-    int SO_REUSEADDR
-    int SO_REUSEPORT
-    int SO_LINGER
-    int SO_KEEPALIVE
-    int socket(int domain, int type, int protocol)
-    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
-    int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
-    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
-    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
-    int bind(int fd, const sockaddr *addr, socklen_t addrlen)
-    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+from csystem cimport (socklen_t, sa_family_t, sockaddr, linger, AF_INET6, SOCK_STREAM,
+                      SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR, SO_REUSEPORT,
+                      SO_LINGER, SO_KEEPALIVE, socket, accept4, getsockname, setsockopt,
+                      getsockopt, bind, connect, in6_addr, sockaddr_in6, IPPROTO_IPV6,
+                      IPPROTO_TCP, htons, ntohs, TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL,
+                      TCP_KEEPCNT, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN, TCP_SAVED_SYN,
+                      SO_NETNS_COOKIE)
 
-cdef extern from "<netinet/in.h>" nogil:
-    struct in6_addr:
-        pass
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        uint16_t sin6_port
-        uint32_t sin6_flowinfo
-        in6_addr sin6_addr
-        uint32_t sin6_scope_id
-    int IPPROTO_IPV6
-    int IPPROTO_TCP
-    uint16_t htons(uint16_t)
-    uint16_t ntohs(uint16_t)
-
-cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY
-    int TCP_KEEPIDLE
-    int TCP_KEEPINTVL
-    int TCP_KEEPCNT
-
-# Linux option numbers (<linux/in6.h>, <linux/tcp.h>); not every libc header defines them.
-cdef enum:
-    IPV6_RTHDR = 57
-    IPV6_TRANSPARENT = 75
-    TCP_SAVED_SYN = 28
+# The Linux option numbers (cext/csystem.pxd) for Python: pipes/system.py exports them.
+SOCKET_OPTIONS = {"IPV6_RTHDR": IPV6_RTHDR, "IPV6_TRANSPARENT": IPV6_TRANSPARENT,
+                  "TCP_SAVE_SYN": TCP_SAVE_SYN, "TCP_SAVED_SYN": TCP_SAVED_SYN,
+                  "SO_NETNS_COOKIE": SO_NETNS_COOKIE}
 
 cdef int ON = 1
 # TCP keepalive of onward sockets (set_keepalive); the listener's accepted sockets inherit

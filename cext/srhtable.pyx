@@ -47,11 +47,7 @@ import time
 
 import posix_ipc
 
-cdef extern from "<arpa/inet.h>" nogil:
-    int inet_pton(int af, const char *src, void *dst)
-
-cdef extern from "<sys/socket.h>" nogil:
-    int AF_INET6
+from csystem cimport inet_pton, AF_INET6
 
 cdef extern from "srhtable_impl.h" nogil:
     uint64_t SRHT_MAGIC

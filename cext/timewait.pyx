@@ -28,12 +28,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import os
 
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-
-cdef extern from "<arpa/inet.h>" nogil:
-    uint16_t htons(uint16_t v)
+from csystem cimport send, recv, htons
 
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21

@@ -16,8 +16,9 @@ process-wide state is managed from Python here:
 Third-party C modules: `load_c_module(path)` dlopens a module and checks its descriptors;
 `CModule.init()` runs its init callbacks, `CModule.close()` its deinit callbacks and dlclose.
 
-`FunctionDriver` runs one flow of a descriptor the way the relay does, without sockets: the
-reference of the relay's calling contract, used by unit tests and microbenchmarks.
+`FunctionDriver` runs one flow of a descriptor through the relay's own flow core
+(cext/flowcore.h), without sockets: unit tests and microbenchmarks see the calls the relay
+makes.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
@@ -28,6 +29,11 @@ from posix.dlfcn cimport RTLD_LOCAL, RTLD_NOW, dlclose, dlerror, dlopen, dlsym
 
 from srv6pipes_vf cimport (PIPES_VF_ABI, PIPES_VF_EOF, PIPES_VF_ERROR, PIPES_VF_INPLACE,
                            PIPES_VF_RESET, pipes_flow_info, pipes_func_desc)
+from flowcore cimport (fc_flow, fc_dir, fc_op, fc_step, fc_init, fc_set_buffers, fc_begin,
+                       fc_next, fc_done, FC_INPLACE, FC_STREAM, FC_END, FC_RECV, FC_SEND,
+                       FC_PROCESS, FC_SHUTDOWN, FC_AGAIN, FC_FAILED, FC_VF_RESET, FC_WHY_NONE,
+                       FC_WHY_ASKED, FC_WHY_FAILED, FC_WHY_RESULT, FC_WHY_INPLACE,
+                       FC_WHY_EOF_LEFT, FC_WHY_STALLED)
 
 import ipaddress
 import os
@@ -82,6 +88,16 @@ class FlowReset(Exception):
 
 class FlowError(Exception):
     """The function failed (PIPES_VF_ERROR) or broke the streaming contract."""
+
+
+# The flow core's reasons for resetting a function's flow (fc_flow.why), as FlowError text.
+WHY = {FC_WHY_NONE: "reset", FC_WHY_ASKED: "process reset the flow",
+       FC_WHY_FAILED: "process failed (PIPES_VF_ERROR)",
+       FC_WHY_RESULT: "process returned a result out of range (output beyond out_cap, or "
+                      "consumed more than offered)",
+       FC_WHY_INPLACE: "an INPLACE process did not return and consume its length",
+       FC_WHY_EOF_LEFT: "at EOF process will not take the input left",
+       FC_WHY_STALLED: "process stalls on a full input buffer"}
 
 
 cdef dict describe(const pipes_func_desc *desc):
@@ -336,28 +352,10 @@ def load_c_module(path):
 
 # -- the driver --------------------------------------------------------------------------
 
-cdef struct Direction:
-    uint8_t *buf          # the input buffer: `pending` unconsumed bytes at buf + start
-    size_t cap, start, pending
-    bint starved          # the last call took nothing: wait for new input
-    bint finished         # EOF processed: the FIN would be forwarded
-
-
 cdef int append(bytearray output, const uint8_t *data, size_t n) except -1:
     cdef Py_ssize_t size = len(output)
     PyByteArray_Resize(output, size + <Py_ssize_t>n)
     memcpy(PyByteArray_AS_STRING(output) + size, data, n)
-    return 0
-
-
-cdef int resize(uint8_t **buf, size_t *cap, size_t want) except -1:
-    cdef uint8_t *grown
-    if want != cap[0]:
-        grown = <uint8_t *>realloc(buf[0], want)
-        if grown == NULL:
-            raise MemoryError()
-        buf[0] = grown
-        cap[0] = want
     return 0
 
 
@@ -367,38 +365,38 @@ cdef bytes address16(value):
 
 
 cdef class FunctionDriver:
-    """One flow of a C function, driven the way the relay drives it, without sockets.
+    """One flow of a C function, driven by the relay's own flow core (cext/flowcore.h)
+    without sockets: what it calls when, with which room, is what the relay does.
 
     FunctionDriver(address, params, client=..., client_port=0, server=..., server_port=0,
     function_address=...) spawns the descriptor at `address` (from BUILTIN_FUNCTIONS or a
     CModule's functions; its module must stay loaded until close()). Addresses are 16 bytes
     (default: all zero), text or IPv6Address. A NULL context raises FlowReset.
 
-    Per direction, like the relay's stream path:
-      - an input buffer of in_cap bytes holds what the function has not consumed; each
-        arrival is read into the room left (in pieces if larger), unconsumed bytes are moved
-        to the front only when they reach the end of the buffer;
-      - process is called with all unconsumed bytes and out_cap bytes of output room: again
-        while its output filled out_cap (it may hold more, even with no input left), and
-        while it consumed or produced something and input is left;
-      - a call that consumes and produces nothing means "waiting for more input"; with a
-        full input buffer it can never progress: FlowError (the relay resets);
-      - PIPES_VF_INPLACE functions get each arrival in place (out == in, out_cap == in_len)
-        and must return in_len; they are never called with PIPES_VF_EOF;
-      - at EOF (finish) process is called with PIPES_VF_EOF until a call consumes and
-        produces nothing; input left then is an error.
-    PIPES_VF_RESET raises FlowReset, PIPES_VF_ERROR or a broken contract FlowError; either
-    way only close() is left to do.
+    Per direction: the source delivers each arrival (feed's chunks) as the socket would,
+    read into the room the core gives (in_cap bytes of input buffer); the destination
+    always takes everything at once. So: input the function has not consumed stays in the
+    buffer; the function gets out_cap bytes of output room, is called again while its
+    output fills it, waits ("starved") after a call that takes and gives nothing; INPLACE
+    functions transform each read where it lies and are never called at EOF; finish() is
+    the source's FIN: PIPES_VF_EOF calls until the flush is complete. PIPES_VF_RESET raises
+    FlowReset, PIPES_VF_ERROR or a broken contract (the core's reason in the message)
+    FlowError; either way only close() is left to do.
     """
 
     cdef const pipes_func_desc *desc
     cdef void *ctx
     cdef bint live          # spawned and not despawned yet
     cdef bint broken        # reset or failed
-    cdef Direction dirs[2]
-    cdef uint8_t *obuf
-    cdef size_t ocap
+    cdef bint finished[2]   # EOF processed: the FIN would be forwarded
+    cdef fc_flow core
+    cdef uint8_t *bufs[2]   # each direction's input buffer (the core's buf)
+    cdef uint8_t *obufs[2]  # and output buffer (stream path)
     cdef readonly str name
+    # the source of the direction being pumped
+    cdef const uint8_t *src
+    cdef size_t src_len
+    cdef bint src_eof
 
     def __cinit__(self, uintptr_t address, uint32_t params, client=b"\0" * 16,
                   int client_port=0, server=b"\0" * 16, int server_port=0,
@@ -407,6 +405,7 @@ cdef class FunctionDriver:
         cdef bytes client16 = address16(client)
         cdef bytes server16 = address16(server)
         cdef bytes function16 = address16(function_address)
+        cdef int d
         if address == 0:
             raise ValueError("no function descriptor at address 0")
         memset(&flow, 0, sizeof(flow))
@@ -418,12 +417,13 @@ cdef class FunctionDriver:
         flow.client_port = client_port
         flow.server_port = server_port
         flow.params = params
-        # Buffers first: process always gets real pointers, even for empty input.
-        resize(&self.dirs[0].buf, &self.dirs[0].cap, 65536)
-        resize(&self.dirs[1].buf, &self.dirs[1].cap, 65536)
-        resize(&self.obuf, &self.ocap, 65536)
         self.desc = <const pipes_func_desc *>address
         self.name = self.desc.name.decode("ascii", "replace")
+        fc_init(&self.core, FC_INPLACE if self.desc.flags & PIPES_VF_INPLACE else FC_STREAM,
+                False)
+        # Buffers first: process always gets real pointers, even for empty input.
+        for d in range(2):
+            self.resize(d, 65536, 65536)
         self.ctx = self.desc.spawn(params, &flow)
         if self.ctx == NULL:
             raise FlowReset(f"{self.name}: spawn refused the flow")
@@ -431,9 +431,10 @@ cdef class FunctionDriver:
 
     def __dealloc__(self):
         self.despawn()
-        free(self.dirs[0].buf)
-        free(self.dirs[1].buf)
-        free(self.obuf)
+        free(self.bufs[0])
+        free(self.bufs[1])
+        free(self.obufs[0])
+        free(self.obufs[1])
 
     def __enter__(self):
         return self
@@ -451,132 +452,122 @@ cdef class FunctionDriver:
             if self.desc.despawn != NULL:
                 self.desc.despawn(self.ctx)
 
-    cdef Direction *direction(self, int direction) except NULL:
+    cdef int resize(self, int d, size_t in_cap, size_t out_cap) except -1:
+        """Gives direction d buffers of in_cap and out_cap bytes, keeping held input."""
+        cdef fc_dir *x = &self.core.dir[d]
+        cdef uint8_t *grown
+        if x.pending > in_cap:
+            raise ValueError(f"{x.pending} bytes are held, more than in_cap {in_cap}")
+        if in_cap != x.cap:
+            if x.pending and x.start:
+                memmove(self.bufs[d], self.bufs[d] + x.start, x.pending)
+            x.start = 0
+            grown = <uint8_t *>realloc(self.bufs[d], in_cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.bufs[d] = grown
+        if out_cap != x.ocap and self.core.mode == FC_STREAM:
+            grown = <uint8_t *>realloc(self.obufs[d], out_cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.obufs[d] = grown
+        fc_set_buffers(&self.core, d, self.bufs[d], in_cap, self.obufs[d], out_cap)
+        return 0
+
+    cdef int check(self, int direction) except -1:
         if direction != 0 and direction != 1:
             raise ValueError(f"direction is 0 (up) or 1 (down), not {direction}")
         if not self.live or self.broken:
             raise FlowError(f"{self.name}: the flow is closed or was reset")
-        if self.dirs[direction].finished:
+        if self.finished[direction]:
             raise ValueError(f"{self.name}: direction {direction} has seen EOF already")
-        return &self.dirs[direction]
-
-    cdef int fail(self, exc_type, str why) except -1:
-        self.broken = True
-        raise exc_type(f"{self.name}: {why}")
+        return 0
 
     def feed(self, int direction, data, chunks=None, size_t out_cap=65536,
              size_t in_cap=65536):
         """Pushes data into direction as arrivals of the given sizes (cycled; default:
         in_cap) and returns what the function output meanwhile. Bytes it has not consumed
         stay in the input buffer for the next feed or finish."""
-        cdef Direction *x = self.direction(direction)
         cdef const uint8_t[::1] view = memoryview(data).cast("B")
-        cdef size_t at = 0, end, take, k = 0, total = view.shape[0]
+        cdef size_t at = 0, end, k = 0, total = view.shape[0]
+        self.check(direction)
         if out_cap < 1 or in_cap < 1:
             raise ValueError("out_cap and in_cap are at least 1")
-        if x.pending > in_cap:
-            raise ValueError(f"{x.pending} bytes are held, more than in_cap {in_cap}")
         sizes = list(chunks) if chunks else [in_cap]
         if min(sizes) < 1:
             raise ValueError("chunk sizes are at least 1")
-        if in_cap != x.cap:
-            if x.pending:
-                memmove(x.buf, x.buf + x.start, x.pending)
-            x.start = 0
-            resize(&x.buf, &x.cap, in_cap)
-        if self.desc.flags & PIPES_VF_INPLACE:
-            return self.feed_inplace(direction, view, sizes)
-        resize(&self.obuf, &self.ocap, out_cap)
+        self.resize(direction, in_cap, out_cap)
         output = bytearray()
         while at < total:
             end = min(total, at + <size_t>sizes[k % len(sizes)])
             k += 1
-            while at < end:   # one arrival, read into the room the buffer has
-                if x.pending == 0:
-                    x.start = 0
-                elif x.start + x.pending == x.cap:
-                    memmove(x.buf, x.buf + x.start, x.pending)
-                    x.start = 0
-                take = min(end - at, x.cap - x.start - x.pending)
-                memcpy(x.buf + x.start + x.pending, &view[at], take)
-                x.pending += take
-                x.starved = False
-                self.pump(direction, x, out_cap, False, output)
-                at += take
+            self.src = &view[at]
+            self.src_len = end - at
+            self.src_eof = False
+            self.pump(direction, output)
+            at = end
         return bytes(output)
-
-    cdef bytes feed_inplace(self, int direction, const uint8_t[::1] view, list sizes):
-        """The INPLACE path: the relay transforms each read (at most the buffer size) where
-        it landed. Here the reads land in the result directly (one copy, no buffer)."""
-        cdef size_t at = 0, end, take, k = 0, total = view.shape[0]
-        cdef size_t cap = self.dirs[direction].cap
-        result = PyBytes_FromStringAndSize(NULL, total)   # ours until returned
-        cdef uint8_t *out = <uint8_t *>PyBytes_AS_STRING(result)
-        if total:
-            memcpy(out, &view[0], total)
-        while at < total:
-            end = min(total, at + <size_t>sizes[k % len(sizes)])
-            k += 1
-            while at < end:
-                take = min(end - at, cap)
-                self.run_inplace(direction, out + at, take)
-                at += take
-        return result
 
     def finish(self, int direction, size_t out_cap=65536):
         """The source's FIN: runs the PIPES_VF_EOF calls and returns their output (nothing
         for an INPLACE function, which is never called at EOF)."""
-        cdef Direction *x = self.direction(direction)
+        self.check(direction)
         if out_cap < 1:
             raise ValueError("out_cap is at least 1")
+        self.resize(direction, self.core.dir[direction].cap, out_cap)
         output = bytearray()
-        if not self.desc.flags & PIPES_VF_INPLACE:
-            resize(&self.obuf, &self.ocap, out_cap)
-            self.pump(direction, x, out_cap, True, output)
-        x.finished = True
+        self.src_len = 0
+        self.src_eof = True
+        self.pump(direction, output)
+        self.finished[direction] = True
         return bytes(output)
 
-    cdef int run_inplace(self, int direction, uint8_t *data, size_t n) except -1:
-        cdef size_t consumed = n
-        cdef ssize_t r = self.desc.process(self.ctx, direction, data, &consumed, data, n, 0)
-        if r == PIPES_VF_RESET:
-            self.fail(FlowReset, "process reset the flow")
-        if r == PIPES_VF_ERROR:
-            self.fail(FlowError, "process failed (PIPES_VF_ERROR)")
-        if r != <ssize_t>n or consumed != n:
-            self.fail(FlowError, f"INPLACE process returned {r} and consumed {consumed} "
-                                 f"of {n} bytes")
-        return 0
-
-    cdef int pump(self, int direction, Direction *x, size_t out_cap, bint eof,
-                  bytearray output) except -1:
-        """Calls process while the relay would (see the class docstring)."""
-        cdef size_t consumed
+    cdef int pump(self, int d, bytearray output) except -1:
+        """Steps direction d until nothing progresses: the arrival is read, the function
+        called and its output taken as the core decides."""
+        cdef fc_step s
+        cdef fc_op op
         cdef ssize_t r
-        cdef bint more = False
-        while eof or more or (x.pending and not x.starved):
-            consumed = x.pending
-            r = self.desc.process(self.ctx, direction, x.buf + x.start, &consumed, self.obuf,
-                                  out_cap, PIPES_VF_EOF if eof else 0)
-            if r == PIPES_VF_RESET:
-                self.fail(FlowReset, "process reset the flow")
-            if r == PIPES_VF_ERROR:
-                self.fail(FlowError, "process failed (PIPES_VF_ERROR)")
-            if r < 0 or <size_t>r > out_cap or consumed > x.pending:
-                self.fail(FlowError, f"process returned {r} (out_cap {out_cap}) and consumed "
-                                     f"{consumed} of {x.pending} bytes")
-            x.start += consumed
-            x.pending -= consumed
-            append(output, self.obuf, <size_t>r)
-            more = <size_t>r == out_cap
-            if r > 0 or consumed > 0:
-                continue
-            if eof:
-                if x.pending:
-                    self.fail(FlowError, f"at EOF process will not take the last "
-                                         f"{x.pending} bytes")
+        cdef size_t n
+        cdef int reason
+        while True:
+            # A new arrival (or the FIN) makes the source readable; the destination always
+            # takes everything.
+            self.core.rd[d] = True
+            self.core.wr[1 - d] = True
+            fc_begin(&s)
+            while fc_next(&self.core, d, &s, &op) != FC_END:
+                if op.kind == FC_RECV:
+                    if self.src_len:
+                        n = min(op.len, self.src_len)
+                        memcpy(op.buf, self.src, n)
+                        self.src += n
+                        self.src_len -= n
+                        r = <ssize_t>n
+                    else:
+                        r = 0 if self.src_eof else FC_AGAIN
+                elif op.kind == FC_SEND:
+                    append(output, op.buf, op.len)
+                    r = <ssize_t>op.len
+                elif op.kind == FC_PROCESS:
+                    r = self.desc.process(self.ctx, d, op.buf, &op.len, op.out, op.out_cap,
+                                          op.flags & PIPES_VF_EOF)
+                elif op.kind == FC_SHUTDOWN:
+                    r = 0
+                else:
+                    r = FC_FAILED   # no pipes here: identity is not a function
+                reason = fc_done(&self.core, d, &s, &op, r)
+                if reason == FC_VF_RESET:
+                    self.broken = True
+                    raise FlowReset(f"{self.name}: process reset the flow")
+                if reason < 0:
+                    self.broken = True
+                    why = WHY[self.core.why]
+                    if self.core.why == FC_WHY_EOF_LEFT:
+                        why = f"{why}: the last {self.core.dir[d].pending} bytes"
+                    elif self.core.why == FC_WHY_STALLED:
+                        why = f"{why} ({self.core.dir[d].cap} bytes)"
+                    raise FlowError(f"{self.name}: {why} (process returned {r}, consumed "
+                                    f"{op.len}, out_cap {op.out_cap})")
+            if not s.progress:
                 return 0
-            if x.pending == x.cap:
-                self.fail(FlowError, f"process stalls on a full input buffer ({x.cap} bytes)")
-            x.starved = True
-        return 0

@@ -36,11 +36,11 @@ import dns.query
 import dns.rdatatype
 
 from .controller import dnsquery
+from .system import IPV6_RTHDR
 from .controller.dnsquery import Answer, AnswerError
 
 __all__ = ["Resolution", "ResolveError", "connect", "controller_address", "resolve"]
 
-IPV6_RTHDR = 57
 IPV6_HEADER = 40
 TCP_HEADER = 20
 DEFAULT_PATH_MTU = 1500

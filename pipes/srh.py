@@ -69,6 +69,16 @@ MAX_SEGMENTS = 64
 _FIXED = struct.Struct("!BBBBBBH")
 FIXED_LENGTH = _FIXED.size  # 8
 SEGMENT_LENGTH = 16
+# Byte offsets in the fixed part, for code that reads wire bytes without parsing (the
+# worker's table-hit path): struct ipv6_sr_hdr's type, segments_left and first_segment.
+TYPE_OFFSET = 2
+SEGMENTS_LEFT_OFFSET = 3
+LAST_ENTRY_OFFSET = 4
+
+
+def segment_offset(index: int) -> int:
+    """Where segments[index] starts in an SRH's wire bytes."""
+    return FIXED_LENGTH + SEGMENT_LENGTH * index
 # hdrlen is one octet counting 8-octet units beyond the first 8.
 MAX_WIRE_LENGTH = 8 + 255 * 8
 

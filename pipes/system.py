@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import _sockops
+
 # Where an instance keeps what must outlive a crash of its master: the kernel-state
 # records (kernelsetup.py, returnpath.py), the control socket and pinned module copies.
 STATE_DIR = Path(os.environ.get("SRV6PIPES_STATE_DIR", "/run/srv6pipes"))
@@ -27,12 +29,13 @@ EXIT_CRASHED = 1          # a child failed after it had started
 EXIT_USAGE = 2            # bad command line or configuration (nothing was started)
 EXIT_BOOT_FAILED = 3      # a child could not start (port taken, queue held...)
 
-# Socket options and their levels (linux/in6.h, linux/tcp.h, asm-generic/socket.h).
-IPV6_RTHDR = 57
-IPV6_TRANSPARENT = 75
-TCP_SAVE_SYN = 27
-TCP_SAVED_SYN = 28
-SO_NETNS_COOKIE = 71      # Linux >= 5.14
+# Socket option numbers (linux/in6.h, linux/tcp.h, asm-generic/socket.h), declared once in
+# cext/csystem.pxd for the extensions and exported to Python by _sockops.
+IPV6_RTHDR = _sockops.SOCKET_OPTIONS["IPV6_RTHDR"]
+IPV6_TRANSPARENT = _sockops.SOCKET_OPTIONS["IPV6_TRANSPARENT"]
+TCP_SAVE_SYN = _sockops.SOCKET_OPTIONS["TCP_SAVE_SYN"]
+TCP_SAVED_SYN = _sockops.SOCKET_OPTIONS["TCP_SAVED_SYN"]
+SO_NETNS_COOKIE = _sockops.SOCKET_OPTIONS["SO_NETNS_COOKIE"]   # Linux >= 5.14
 
 # Capabilities each process keeps after start-up (python-prctl names).
 WORKER_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_NET_RAW")   # IPV6_TRANSPARENT, bind foreign

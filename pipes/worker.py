@@ -43,7 +43,8 @@ from .config import Config
 from .functions import (KIND_SPLICE, MAX_FUNCTION_SLOTS, FunctionConflict, FunctionRegistry,
                         UnknownFunction, configure_builtins)
 from .ratelimit import RateLimitedLogger
-from .srh import SRH, SRHError, find_srh
+from .srh import (FIXED_LENGTH, LAST_ENTRY_OFFSET, ROUTING_TYPE_SRH, SEGMENTS_LEFT_OFFSET, SRH,
+                  TYPE_OFFSET, SRHError, find_srh, segment_offset)
 from .srhhmac import HmacKeyring, HmacRefused
 from .srhstack import syn_route
 from .stats import WorkerRegion
@@ -114,7 +115,8 @@ class Route:
         if self.segments_left == 1:
             return None
         wire = self.srh_wire
-        return wire[:3] + bytes((self.segments_left - 1,)) + wire[4:]
+        return (wire[:SEGMENTS_LEFT_OFFSET] + bytes((self.segments_left - 1,))
+                + wire[SEGMENTS_LEFT_OFFSET + 1:])
 
     @property
     def srh(self) -> SRH:
@@ -145,7 +147,8 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
         stats.add("table_hits")
         segments_left, wire = table_entry
         # The capture parsed and validated it; check only what indexing below relies on.
-        if len(wire) < 8 or wire[2] != 4 or len(wire) < 8 + 16 * (wire[4] + 1):
+        if (len(wire) < FIXED_LENGTH or wire[TYPE_OFFSET] != ROUTING_TYPE_SRH
+                or len(wire) < segment_offset(wire[LAST_ENTRY_OFFSET] + 1)):
             raise Rejected("malformed_srh", "malformed SRH in table")
     else:
         stats.add("table_misses")
@@ -167,14 +170,14 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
         srh = locate_own_segment(acted_on, plan)
         stats.add("saved_syn_fallbacks")
         segments_left, wire = srh.segments_left, srh.to_bytes()
-    last_entry = wire[4]
+    last_entry = wire[LAST_ENTRY_OFFSET]
     if last_entry + 1 > max_segments:
         raise Rejected("too_many_segments",
                        f"{last_entry + 1} segments, more than --max-segments {max_segments}")
     if segments_left == 0 or segments_left > last_entry:
         raise Rejected("malformed_srh", f"segments-left {segments_left} leaves no segment "
                                         f"for this proxy (last entry {last_entry})")
-    active = wire[8 + 16 * segments_left:24 + 16 * segments_left]
+    active = wire[segment_offset(segments_left):segment_offset(segments_left + 1)]
     try:
         function_id, params = plan.decode(active)
     except AddressError:
@@ -227,7 +230,7 @@ class Worker:
             if self.relay is not None:
                 self.relay.shutdown(True)
                 self.relay.close()
-        os._exit(0)
+        os._exit(system.EXIT_OK)
 
     def init_process(self) -> None:
         import prctl
@@ -240,7 +243,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self.handle_stop)
         signal.signal(signal.SIGINT, self.handle_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(1))
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(system.EXIT_CRASHED))
         self.stats.set("pid", os.getpid())
         # Inherited over fork without page tables: map the table in now, not one page
         # fault per first-touched slot on the accept path (SrhTable.prefault).

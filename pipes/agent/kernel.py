@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from ..controller.messages import Binding
-from ..kernelsetup import STATE_DIR, netns_cookie, netns_inode, template_path
+from ..kernelsetup import netns_cookie, netns_inode, template_path
+from ..system import STATE_DIR
 
 log = logging.getLogger("srv6pipes.agent.kernel")
 

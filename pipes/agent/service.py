@@ -48,6 +48,7 @@ from ..controller.statsocket import read_stats, start_stats_socket, unlink_socke
 from ..controller.model import ConfigError, endpoint, field_value, log_level, reject_unknown
 from .. import logsetup
 from ..ratelimit import RateLimitedLogger
+from ..system import STATE_DIR
 from ..srhhmac import HmacError, HmacKeyring
 from .kernel import BindingKernel, KernelError
 
@@ -113,7 +114,7 @@ def load_config(path: str) -> dict:
     reject_unknown("[agent]", table, {name for name, *_ in SETTINGS})
     config = {name: field_value("[agent]", table, name, validate, default)
               for name, default, validate, _help in SETTINGS}
-    config["control"] = config["control"] or f"/run/srv6pipes/agent-{config['name']}.sock"
+    config["control"] = config["control"] or str(STATE_DIR / f"agent-{config['name']}.sock")
     if bool(config["hmac_keyring"]) != bool(config["hmac_key_id"]):
         raise ConfigError("[agent]: hmac_keyring and hmac_key_id go together")
     if config["hmac_key_id"]:

@@ -27,6 +27,7 @@ import tomllib
 from typing import Any, Callable, Optional
 
 from ..addressplan import AddressError, AddressPlan
+from ..system import STATE_DIR
 
 __all__ = ["ConfigError", "ControllerConfig", "Grant", "Proxy", "Router", "Service", "load",
            "parse"]
@@ -216,7 +217,7 @@ def parse(data: dict, path: Optional[str] = None) -> ControllerConfig:
         settings[setting.name] = field_value("[controller]", raw, setting.name, setting.validator,
                                         ... if required else setting.default)
     if not settings["control"]:
-        settings["control"] = f"/run/srv6pipes/controller-{settings['name']}.sock"
+        settings["control"] = str(STATE_DIR / f"controller-{settings['name']}.sock")
     if settings["binding_lifetime"] < settings["ttl"]:
         raise ConfigError("[controller]: binding_lifetime must be at least ttl (a client "
                           "may use an answer for ttl seconds)")

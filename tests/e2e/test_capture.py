@@ -114,6 +114,36 @@ def test_callback_always_accepts_and_never_raises(table, packet):
     assert packet.verdicts == ["accept"]
 
 
+class VerdictChecks(FakePacket):
+    """A packet whose verdict looks the SYN's key up in the table, as a worker's accept()
+    right after the verdict would."""
+
+    def __init__(self, payload, table, key):
+        super().__init__(payload)
+        self.table, self.key, self.found = table, key, []
+
+    def set_mark(self, mark):
+        self.mark = mark
+
+    def accept(self):
+        self.found.append(self.table.lookup(*self.key))
+        super().accept()
+
+
+@pytest.mark.parametrize("path, srh", [
+    ("C", SRH((SERVER, P1))),
+    ("Python", SRH((SERVER, P1), tlvs=(TLV(RETURN_PATH_TLV, P1.packed + CLIENT.packed),))),
+])
+def test_the_table_entry_precedes_the_verdict(table, path, srh):
+    """The SRH is in the table before the SYN is let go (the saved-SYN fallback would hide
+    an entry written after it), on the C fast path and on the Python path."""
+    packet = VerdictChecks(syn_with_srh(srh, sport=4321), table, (CLIENT, 4321, SERVER, 80))
+    capture.SynCapture(table, 0)._on_packet(packet)
+    assert packet.verdicts == ["accept"]
+    assert packet.found == [(1, srh.to_bytes())]
+    assert table_counts(table)["inserts"] == 1
+
+
 def test_capture_errors_are_counted(table, monkeypatch):
     def broken(payload):
         raise KeyError("bug")

@@ -65,5 +65,11 @@ def test_off_path_chain_returns_through_both_proxies(star):
         assert digest(bytes(received[64:])) == digest(payload)
     # Both proxies relayed the replies: bytes_down counted on each.
     for name in ("p1", "p2"):
-        xor = lab.proxies[name].stats()["totals"]["functions"]["xor"]
-        assert xor["bytes_down"] >= 3 * len(payload)
+        totals = lab.proxies[name].stats()["totals"]
+        assert totals["functions"]["xor"]["bytes_down"] >= 3 * len(payload)
+        # With return paths the capture takes its Python path (the mark is set per SYN):
+        # its table entry must still precede every accept, not be found through the
+        # kernel's saved SYN.
+        worker = totals["worker"]
+        assert worker["table_hits"] == 3, worker
+        assert worker.get("saved_syn_fallbacks", 0) == 0, worker

@@ -1,18 +1,15 @@
-"""Drives Python VFs (vfapi.FlowAdapter) the way the relay's stream path does, without sockets.
+"""Drives Python VFs (vfapi.FlowAdapter) through the relay's own flow core, without sockets.
 
-Mirrors `_step_stream` in cext/relay.pyx, per direction:
-  - an input buffer of `in_cap` bytes holds what the function has not consumed yet; reads
-    append at most the room left (an arrival larger than the room is read in pieces);
-  - the function is called once its previous output is written (here: at once) when the
-    source reached EOF, or its last output filled `out_cap` ("more", call again even with
-    no new input), or there is input and the last call did not starve;
-  - a call that consumes nothing and outputs nothing: at EOF with input left, or with a full
-    input buffer, is a broken contract (vf_errors, the relay resets); at EOF with no input
-    it ends the direction (the FIN is forwarded); otherwise the direction is "starved" and
-    waits for new input;
-  - after EOF the function is called with eof=True until such a call ends the direction.
+A DirectionPump plays the relay's shell around srv6pipes._flowcore (the same C state
+machine the relay inlines, cext/flowcore.h) on the stream path of one direction: the
+source is a list of arrivals (what each recv would find; every tick a new one may have
+come), the destination takes everything at once, and PROCESS calls the adapter's step as
+the relay's trampoline does. What is called when, with how much room, and when the FIN would
+go is the core's decision, not this file's.
+
 ResetFlow and other exceptions from the function propagate unchanged; a broken contract
-raises ContractError.
+(the core resets the flow: stall on a full input buffer, input left at EOF, bad results)
+raises ContractError with the core's reason.
 
     out = run_direction(adapter, UP, [b"he", b"llo"], in_cap=8, out_cap=3)
     up, down = run_flow(function, params, flow, up_chunks, down_chunks)
@@ -25,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from srv6pipes import _flowcore as fc
 from srv6pipes.vfapi import DOWN, UP, FlowAdapter, FlowInfo, Function
 
 MODULES = Path(__file__).resolve().parents[1] / "modules"
@@ -45,7 +43,7 @@ class Call(NamedTuple):
 
 class DirectionPump:
     """One direction of one flow through the relay's stream path. `source` is the list of
-    arrivals (what each recv would find); tick() does one relay step."""
+    arrivals (what each recv would find); tick() does one step of the flow core."""
 
     def __init__(self, adapter: FlowAdapter, direction: int, source, *, in_cap: int,
                  out_cap: int):
@@ -56,64 +54,59 @@ class DirectionPump:
         self.source = [bytes(chunk) for chunk in source if chunk]
         self.in_cap = in_cap
         self.out_cap = out_cap
-        self.inbuf = bytearray()
+        self.core = fc.FlowCore(fc.STREAM, in_cap, out_cap)
         self.output = bytearray()
         self.calls: list[Call] = []
-        self.eof = False
-        self.more = False
-        self.starved = False
-        self.done = False       # the FIN would be forwarded
+
+    @property
+    def done(self) -> bool:
+        """The FIN would be forwarded."""
+        return self.core.direction(self.direction)["done"]
 
     def tick(self) -> bool:
-        """One step: read once (or see EOF), then call the function if the relay would.
+        """One step of the core (an arrival may have come: the source is readable).
         Returns whether anything progressed."""
-        if self.done:
-            return False
-        progress = False
-        if not self.eof:
-            room = self.in_cap - len(self.inbuf)
-            if not self.source:
-                self.eof = True
-                progress = True
-            elif room:
-                head = self.source[0]
-                self.inbuf += head[:room]
-                if len(head) > room:
-                    self.source[0] = head[room:]
+        d, core = self.direction, self.core
+        core.event(d, readable=True)
+        core.event(1 - d, writable=True)
+        core.begin(d)
+        while (op := core.next(d)) is not None:
+            if op.kind == fc.RECV:
+                if self.source:
+                    head = self.source[0]
+                    data, rest = head[:op.size], head[op.size:]
+                    if rest:
+                        self.source[0] = rest
+                    else:
+                        del self.source[0]
+                    reason = core.done(d, len(data), data)
                 else:
-                    del self.source[0]
-                self.starved = False
-                progress = True
-        if self.eof or self.more or (self.inbuf and not self.starved):
-            progress |= self._call()
-        return progress
+                    reason = core.done(d, 0)      # EOF
+            elif op.kind == fc.SEND:
+                self.output += core.payload(d)
+                reason = core.done(d, op.size)
+            elif op.kind == fc.PROCESS:
+                reason = self._call(op)
+            elif op.kind == fc.SHUTDOWN:
+                reason = core.done(d, 0)
+            else:
+                raise AssertionError(f"the stream path asked for {op.name}")
+            if reason:
+                raise ContractError(core.why)
+        return core.progress(d)
 
-    def _call(self) -> bool:
-        offered = len(self.inbuf)
-        consumed, out = self.adapter.step(self.direction, bytes(self.inbuf), self.eof,
-                                          self.out_cap)
+    def _call(self, op) -> int:
+        d = self.direction
+        offered = self.core.payload(d)
+        consumed, out = self.adapter.step(d, offered, op.eof, op.out_cap)
         if type(out) is not bytes or type(consumed) is not int:
             raise ContractError(f"step returned ({type(consumed).__name__}, "
                                 f"{type(out).__name__}), not (int, bytes)")
-        if not 0 <= consumed <= offered or len(out) > self.out_cap:
-            raise ContractError(f"step consumed {consumed} of {offered} bytes and produced "
-                                f"{len(out)} with out_cap {self.out_cap}")
-        self.calls.append(Call(offered, self.eof, consumed, len(out)))
-        del self.inbuf[:consumed]
-        self.output += out
-        self.more = len(out) == self.out_cap
-        if out or consumed:
-            return True
-        if self.eof:
-            if self.inbuf:
-                raise ContractError(f"at EOF the function will not take the last "
-                                    f"{len(self.inbuf)} bytes")
-            self.done = True
-            return True
-        if len(self.inbuf) == self.in_cap:
-            raise ContractError(f"the function stalls on a full input buffer ({self.in_cap})")
-        self.starved = True
-        return False
+        if not 0 <= consumed <= len(offered) or len(out) > op.out_cap:
+            raise ContractError(f"step consumed {consumed} of {len(offered)} bytes and "
+                                f"produced {len(out)} with out_cap {op.out_cap}")
+        self.calls.append(Call(len(offered), op.eof, consumed, len(out)))
+        return self.core.done(d, len(out), out, consumed)
 
 
 def run_direction(adapter: FlowAdapter, direction: int, source, *, in_cap: int = 65536,

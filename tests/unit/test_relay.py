@@ -9,11 +9,13 @@ lengths, so the input/output buffer bookkeeping is shaken on every call). `Backe
 connections are `Peer`s; clients are `Peer`s driven by `run_peers` in the test thread, or
 plain blocking sockets. Every wait is bounded by a deadline.
 """
+import contextlib
 import errno
 import hashlib
 import os
 import queue
 import random
+import resource
 import selectors
 import socket
 import struct
@@ -326,8 +328,7 @@ class Proxy:
     """A worker in miniature: a RelayLoop polled by one thread, which also accepts."""
 
     def __init__(self, target, mode, *, key=None, slot=0, nslots=2, max_flows=4096,
-                 buffer_size=65536, pipe_size=1 << 20, connecting=True, fail_pipes=False,
-                 server_rcvbuf=None):
+                 buffer_size=65536, pipe_size=1 << 20, connecting=True, server_rcvbuf=None):
         self.target = target
         self.mode = mode
         self.key = KEY if key is None else key
@@ -342,7 +343,6 @@ class Proxy:
         self.words = memoryview(bytearray(nslots * N * 8)).cast("Q")
         self.loop = _relay.RelayLoop(self.listener.fileno(), self.words, nslots, max_flows,
                                      buffer_size, pipe_size)
-        self.loop.fail_pipes_for_testing = fail_pipes
         self.calls = queue.Queue()
         self.failure = None
         self.polls = 0
@@ -867,9 +867,46 @@ def test_shutdown_resets_or_closes_open_flows(env):
 
 
 # -- splice fallback and table limits ----------------------------------------------------------
+@contextlib.contextmanager
+def descriptors_exhausted(spare):
+    """This process's descriptor table full but for `spare` free slots (RLIMIT_NOFILE lowered
+    to what is open, the rest filled with /dev/null); restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+    filler = []
+    try:
+        while True:
+            try:
+                filler.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        for _ in range(spare):
+            os.close(filler.pop())
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_splice_fallback_uses_the_buffer_path(env):
-    proxy = transfer_both_ways(env, "splice", 8 * MIB, fail_pipes=True)
-    assert proxy.counter("splice_fallbacks") == 1   # once per flow, not per direction
+    """No descriptors left for a pipe (pipe2 fails with EMFILE): the bulk flow stays on the
+    buffer path, intact, and the fallback is counted once per flow, not per direction."""
+    size = 8 * MIB
+    up, down = os.urandom(size), os.urandom(size)
+    backend = env.backend(lambda sock: Peer(sock, down, send_after_eof=True))
+    proxy = env.proxy(backend.address, "splice")
+    client = Peer(proxy.connect(), up)
+    assert wait_until(lambda: backend.peers and proxy.loop.active_flows == 1)
+    with descriptors_exhausted(spare=1):    # run_peers' selector takes the last one
+        run_peers([client], timeout=120)
+        (server,) = backend.wait_peers(1)
+    assert client.error is None and server.error is None
+    assert server.digest == sha(up) and client.digest == sha(down)
+    check_counters(proxy, 1)
+    assert proxy.counter("splice_fallbacks") == 1
     assert proxy.counter("splice_switches") == 0
 
 

@@ -559,7 +559,7 @@ def test_driver_detects_a_stall(broken):
             flow.feed(UP, b"x")                                # the flow is over
     with _vf.FunctionDriver(broken["sulk"], 0) as flow:
         flow.feed(DOWN, b"abc")
-        with pytest.raises(_vf.FlowError, match="at EOF process will not take the last 3"):
+        with pytest.raises(_vf.FlowError, match="at EOF process will not take the input left: the last 3 bytes"):
             flow.finish(DOWN)
 
 

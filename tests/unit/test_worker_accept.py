@@ -163,3 +163,47 @@ def test_open_flow_hands_both_descriptors_and_the_binary_flow_to_the_relay(funct
                 _sockops.close_fd(client_fd)
                 _sockops.close_fd(server_fd)
     assert worker.stats.values == {"table_hits": 1}
+
+
+def _exhausted_descriptors_play():
+    """In a child: the process out of descriptors (RLIMIT_NOFILE lowered, the rest filled),
+    a connection waiting; accept_burst must spend the spare on it, reset it, take the spare
+    back. Returns what happened."""
+    import resource
+
+    worker = make_worker(None)
+    worker.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    listen = listener()
+    worker.listener = listen
+    client = connect(listen)
+    client.settimeout(TIMEOUT)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    filler = []
+    try:
+        while True:
+            filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    worker.accept_burst()
+    try:
+        client.recv(16)
+        outcome = "no reset"
+    except ConnectionResetError:
+        outcome = "reset"
+    except socket.timeout:
+        outcome = "timeout"
+    spare_back = worker.spare_fd is not None
+    for fd in filler:
+        os.close(fd)
+    return outcome, dict(worker.stats.values), spare_back, worker.relay.flows
+
+
+def test_out_of_descriptors_resets_the_waiting_connection_and_keeps_the_spare():
+    """A real EMFILE from accept(): the spare descriptor is spent on accepting the
+    connection, which is reset (not left hanging in the queue), and taken back."""
+    from tests.support.childrun import run_in_child
+
+    outcome, stats, spare_back, flows = run_in_child(_exhausted_descriptors_play)
+    assert outcome == "reset"
+    assert stats == {"fd_exhausted": 1}
+    assert spare_back and flows == []

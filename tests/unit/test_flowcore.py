@@ -1,0 +1,546 @@
+"""Playbooks of the relay's flow core (cext/flowcore.h via srv6pipes._flowcore), no sockets.
+
+A hypothesis state machine plays everything around the core: the two peers (sending in
+pieces, half-closing, reading slowly, resetting), the kernel's socket buffers, the pipes of
+the splice path and their pool, and the function (an identity that holds bytes back at
+random and flushes them at EOF, or the in-place xor). Between the peers' moves it pumps the
+flow the way relay.pyx's shell does (steps of both directions, rounds until idle, the
+SO_ERROR check after an error event), performing each operation the core asks for on the
+model, and checks:
+
+  - every flow ends exactly once: closed, reset or connect-failed;
+  - the FIN is sent only after everything before it was delivered (the whole transformed
+    stream of that direction);
+  - what the core holds is bounded by its buffers (and the accounting of every byte read,
+    held and delivered adds up);
+  - no stall: an idle flow has no data it could move, no EOF it has not read or forwarded;
+  - half-close both ways: a direction's FIN never stops the other one;
+  - a function that holds bytes back flushes them at EOF;
+  - a reset (a peer's, a socket error, the function's) ends the flow as reset;
+  - a pipe taken from the pool is empty;
+and at the end drives the flow to completion with cooperative peers: everything arrives.
+"""
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule)
+
+from srv6pipes import _flowcore as fc
+
+KEY = 0x5A
+XOR = bytes(i ^ KEY for i in range(256))
+MODES = {"identity": fc.IDENTITY, "inplace": fc.INPLACE, "stream": fc.STREAM}
+STUCK_ROUNDS = 50    # rounds that "progress" while nothing changes: a livelock
+
+
+def expected(mode, data):
+    return data.translate(XOR) if mode == "inplace" else data
+
+
+class Peer:
+    """One side's peer and its socket in the proxy: what it sent and we have not read, what
+    the proxy may still write to it (its receive window), whether it FIN'd or reset."""
+
+    def __init__(self):
+        self.queue = bytearray()    # sent by the peer, not yet read by the proxy
+        self.sent = bytearray()     # everything it sent
+        self.fin = False            # it sent its FIN (after self.sent)
+        self.reset = False          # it sent an RST
+        self.room = 0               # bytes the proxy may send to it before EAGAIN
+        self.received = bytearray() # what the proxy delivered to it
+        self.got_fin = False        # the proxy forwarded a FIN to it
+
+
+class HoldBack:
+    """The stream function: identity that consumes and outputs random amounts, keeps what it
+    consumed but did not output, and flushes it at EOF (PIPES_VF_EOF). It never stalls: a
+    full input buffer always loses at least a byte, and at EOF it takes everything."""
+
+    def __init__(self, draw, buffer_size):
+        self.draw = draw
+        self.buffer_size = buffer_size
+        self.held = [bytearray(), bytearray()]
+        self.reset_next = False
+
+    def process(self, d, data, eof, out_cap):
+        if self.reset_next:
+            return fc.PROCESS_RESET, b"", 0
+        held = self.held[d]
+        if eof:
+            take = len(data)
+        else:
+            take = self.draw(st.integers(int(len(data) == self.buffer_size), len(data)))
+        held += data[:take]
+        give = min(len(held), out_cap)
+        if give and (not eof or take):
+            # At EOF too, a call may take input and give nothing yet (as compress does):
+            # only a call that takes and gives nothing ends the flush.
+            give = self.draw(st.integers(0, give))
+        out = bytes(held[:give])
+        del held[:give]
+        return len(out), out, take
+
+
+class FlowPlaybook(RuleBasedStateMachine):
+    """One flow at a time; when it ends, the next starts (sharing the pipe pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = []          # pooled pipes: bytearrays that must be empty
+        self.flows = 0
+
+    @initialize(mode=st.sampled_from(["identity", "identity", "inplace", "stream"]),
+                data=st.data())
+    def start(self, mode, data):
+        self.mode_name = mode
+        self.data = data
+        self.new_flow()
+
+    def new_flow(self):
+        draw = self.data.draw
+        self.flows += 1
+        self.buffer_size = draw(st.sampled_from([1, 4, 16, 64]), label="buffer_size")
+        out_size = draw(st.sampled_from([1, 8, 64]), label="out_size")
+        self.pipe_cap = draw(st.sampled_from([8, 64]), label="pipe_cap")
+        connecting = draw(st.booleans(), label="connecting")
+        self.core = fc.FlowCore(MODES[self.mode_name], self.buffer_size, out_size, connecting)
+        self.peers = [Peer(), Peer()]
+        self.pipes = [None, None]
+        self.pipes_fail = draw(st.integers(0, 3), label="pipes_fail") == 0
+        self.function = HoldBack(draw, self.buffer_size)
+        self.read = [bytearray(), bytearray()]  # what the proxy read from each side
+        self.ended = []         # how the flow ended: each end recorded (exactly once)
+        self.interrupt = False
+
+    # -- the shell: operations, steps, rounds --------------------------------------------------
+    @property
+    def live(self):
+        return not self.ended
+
+    def perform(self, d, op):
+        """Performs op of direction d on the model; returns what core.done needs."""
+        src, dst = self.peers[d], self.peers[1 - d]
+        if self.interrupt and op.kind in (fc.RECV, fc.SEND, fc.SPLICE_IN, fc.SPLICE_OUT):
+            self.interrupt = False
+            return (fc.INTR,)
+        if op.kind in (fc.RECV, fc.SPLICE_IN, fc.BOUNCE):
+            if src.reset:
+                return (fc.FAILED,)
+            room = op.size
+            if op.kind == fc.SPLICE_IN:
+                pipe = self.pipes[d]
+                assert pipe is not None, "SPLICE_IN without a pipe"
+                room = min(room, self.pipe_cap - len(pipe))
+            n = min(room, len(src.queue))
+            if n == 0:
+                return (0,) if src.fin and not src.queue else (fc.AGAIN,)
+            chunk = bytes(src.queue[:n])
+            del src.queue[:n]
+            self.read[d] += chunk
+            if op.kind == fc.RECV:
+                return (n, chunk)
+            self.pipes[d] += chunk
+            return (n,)
+        if op.kind in (fc.SEND, fc.SPLICE_OUT):
+            assert not dst.got_fin, "bytes sent after the FIN"
+            if dst.reset:
+                return (fc.FAILED,)
+            if op.kind == fc.SPLICE_OUT:
+                pipe = self.pipes[d]
+                assert pipe is not None and len(pipe) == op.size, "the core miscounts the pipe"
+                payload = bytes(pipe)
+            else:
+                payload = self.core.payload(d)
+                assert len(payload) == op.size
+            n = min(op.size, dst.room)
+            if n == 0:
+                return (fc.AGAIN,)
+            dst.room -= n
+            dst.received += payload[:n]
+            if op.kind == fc.SPLICE_OUT:
+                del self.pipes[d][:n]
+            return (n,)
+        if op.kind == fc.PROCESS:
+            payload = self.core.payload(d)
+            if self.mode_name == "inplace":
+                assert not op.eof, "an INPLACE function called at EOF"
+                return (len(payload), payload.translate(XOR), len(payload))
+            assert len(payload) == op.size
+            return self.function.process(d, payload, op.eof, op.out_cap)
+        if op.kind == fc.GET_PIPE:
+            assert self.mode_name == "identity"
+            if self.pipes_fail:
+                return (fc.FAILED,)
+            pipe = self.pool.pop() if self.pool else bytearray()
+            assert not pipe, f"a pooled pipe holds {len(pipe)} bytes of another flow"
+            self.pipes[d] = pipe
+            return (self.pipe_cap,)
+        if op.kind == fc.SHUTDOWN:
+            if dst.reset:
+                return (fc.FAILED,)
+            # The FIN may only follow everything the source sent, transformed, delivered.
+            assert src.fin and not src.queue, "FIN forwarded before the source's FIN was read"
+            assert bytes(dst.received) == expected(self.mode_name, bytes(src.sent)), \
+                "FIN forwarded before every byte before it was delivered"
+            dst.got_fin = True
+            return (0,)
+        raise AssertionError(f"unknown operation {op}")
+
+    def step(self, d):
+        core = self.core
+        core.begin(d)
+        while (op := core.next(d)) is not None:
+            outcome = self.perform(d, op)
+            if op.kind == fc.PROCESS:
+                reason = core.done(d, outcome[0], outcome[1], outcome[2])
+            elif op.kind == fc.RECV and outcome[0] > 0:
+                reason = core.done(d, outcome[0], outcome[1])
+            else:
+                reason = core.done(d, outcome[0])
+            if reason:
+                return reason
+        return int(core.progress(d))
+
+    def end(self, how):
+        first = self.core.end()
+        assert first == (not self.ended), "a flow ended twice (or never began)"
+        self.ended.append(how)
+        for d in (0, 1):
+            if self.pipes[d] is not None and self.core.pipe_reusable(d):
+                self.pool.append(self.pipes[d])
+            self.pipes[d] = None
+
+    def pump(self):
+        """relay.pyx's _pump: rounds until idle, closed or reset."""
+        if self.core.state != fc.OPEN:
+            return
+        stuck, last = 0, None
+        while stuck < STUCK_ROUNDS:
+            a = self.step(0)
+            b = self.step(1) if a >= 0 else 0
+            verdict = self.core.round(a, b)
+            if verdict == fc.IDLE:
+                self.check_not_stalled()
+                return
+            if verdict == fc.CLOSE:
+                self.end("closed")
+                return
+            if verdict < 0:
+                self.last_reason = verdict
+                self.end("reset")
+                return
+            now = self.signature()
+            stuck = stuck + 1 if now == last else 0
+            last = now
+        raise AssertionError("the pump never goes idle, yet nothing changes")
+
+    def signature(self):
+        """Everything a round can change: bytes read, held, delivered, each direction's state."""
+        return (tuple(len(r) for r in self.read),
+                tuple(len(peer.received) for peer in self.peers),
+                tuple(len(h) for h in self.function.held),
+                tuple(tuple(sorted(self.core.direction(d).items())) for d in (0, 1)))
+
+    def event(self, side, **kind):
+        """An epoll event and what the shell does with it (relay.pyx _handle)."""
+        if not self.live:
+            return
+        what = self.core.event(side, **kind)
+        if what == fc.EV_CONNECT_FAILED:
+            self.end("connect-failed")
+        elif what == fc.EV_RESET:
+            self.end("reset")
+        elif what == fc.EV_PUMP:
+            self.pump()
+            if self.live and kind.get("error") and self.peers[side].reset:
+                self.end("reset")   # SO_ERROR the pump did not meet
+
+    # -- the peers' moves ------------------------------------------------------------------
+    @precondition(lambda self: self.live)
+    @rule(side=st.sampled_from([0, 1]), size=st.integers(1, 150))
+    def peer_sends(self, side, size):
+        peer = self.peers[side]
+        if peer.fin or peer.reset:
+            return
+        chunk = self.data.draw(st.binary(min_size=size, max_size=size), label="chunk")
+        peer.queue += chunk
+        peer.sent += chunk
+        self.event(side, readable=True)
+
+    @precondition(lambda self: self.live)
+    @rule(side=st.sampled_from([0, 1]))
+    def peer_fins(self, side):
+        peer = self.peers[side]
+        if peer.fin or peer.reset:
+            return
+        peer.fin = True
+        self.event(side, rdhup=True)
+
+    @precondition(lambda self: self.live)
+    @rule(side=st.sampled_from([0, 1]), size=st.integers(1, 200))
+    def peer_reads(self, side, size):
+        peer = self.peers[side]
+        if peer.reset:
+            return
+        peer.room += size
+        self.event(side, writable=True)
+
+    @precondition(lambda self: self.live)
+    @rule(side=st.sampled_from([0, 1]), rarely=st.integers(0, 3))
+    def peer_resets(self, side, rarely):
+        if rarely:
+            return      # resets end the flow: keep most flows running longer
+        self.peers[side].reset = True
+        connecting = self.core.state == fc.CONNECTING
+        self.event(side, error=True, so_error=104)
+        if connecting and side == 1:
+            assert self.ended == ["connect-failed"]
+        else:
+            assert self.ended == ["reset"], "a peer's reset did not reset the flow"
+
+    @precondition(lambda self: self.live and self.core.state == fc.CONNECTING)
+    @rule(fails=st.integers(0, 3))
+    def connect_completes(self, fails):
+        if fails == 0:
+            self.event(1, error=True, so_error=111)
+            assert self.ended == ["connect-failed"]
+        else:
+            self.event(1, writable=True)
+            assert self.core.state in (fc.OPEN, fc.FREE)
+
+    @precondition(lambda self: self.live and self.mode_name == "stream")
+    @rule(rarely=st.integers(0, 3))
+    def function_resets(self, rarely):
+        if rarely:
+            return
+        self.function.reset_next = True
+        for side in (0, 1):     # give it something to be called on
+            peer = self.peers[side]
+            if not peer.fin and not peer.reset:
+                peer.queue += b"!"
+                peer.sent += b"!"
+                self.event(side, readable=True)
+                break
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def next_call_is_interrupted(self):
+        self.interrupt = True
+
+    @precondition(lambda self: not self.live)
+    @rule()
+    def next_flow(self):
+        self.new_flow()
+
+    # -- invariants ------------------------------------------------------------------------
+    @invariant()
+    def ends_at_most_once(self):
+        assert len(self.ended) <= 1
+
+    @invariant()
+    def bounded_and_accounted(self):
+        if not self.live:
+            return
+        for d in (0, 1):
+            x = self.core.direction(d)
+            assert x["pending"] <= (x["pipe_cap"] if x["path"] == fc.PATH_PIPE else x["cap"])
+            assert x["olen"] <= x["ocap"]
+            held = x["pending"] + x["olen"]
+            if self.mode_name == "stream":
+                held += len(self.function.held[d])
+            delivered = len(self.peers[1 - d].received)
+            assert len(self.read[d]) == delivered + held, "bytes lost or duplicated"
+            if x["path"] == fc.PATH_PIPE:
+                assert len(self.pipes[d]) == x["pending"]
+
+    def check_not_stalled(self):
+        """An idle flow: nothing it could move now."""
+        for d in (0, 1):
+            x = self.core.direction(d)
+            src, dst = self.peers[d], self.peers[1 - d]
+            if x["done"] or src.reset or dst.reset:
+                continue
+            if dst.room and (x["olen"] or (self.mode_name != "stream" and x["pending"])):
+                raise AssertionError(f"stall: direction {d} holds bytes and {dst.room} "
+                                     f"bytes of room")
+            if src.queue and x["pending"] == 0 and x["olen"] == 0:
+                raise AssertionError(f"stall: direction {d} has room and data to read")
+            room = x["pending"] == 0 or (self.mode_name == "stream" and x["pending"] < x["cap"])
+            if src.fin and not src.queue and not x["eof"] and room:
+                raise AssertionError(f"stall: direction {d} did not read the FIN")
+            if self.mode_name != "stream" and x["eof"] and x["pending"] == 0:
+                raise AssertionError(f"stall: direction {d} did not forward the FIN")
+
+    def teardown(self):
+        """Cooperative peers from here: the live flow must deliver everything and close."""
+        if not hasattr(self, "core") or not self.live:
+            return
+        if self.core.state == fc.CONNECTING:
+            self.event(1, writable=True)
+        idle = 0
+        while self.live and idle < 3:
+            before = [len(peer.received) for peer in self.peers]
+            for side in (0, 1):
+                peer = self.peers[side]
+                if not peer.fin:
+                    peer.fin = True
+                    self.event(side, rdhup=True)
+                if self.live:
+                    peer.room += 256
+                    self.event(side, writable=True)
+            idle = idle + 1 if [len(peer.received) for peer in self.peers] == before else 0
+        if any(peer.reset for peer in self.peers):
+            assert self.ended == ["reset"]
+            return
+        if self.ended == ["reset"] and self.function.reset_next:
+            return
+        assert self.ended == ["closed"], f"the flow ended {self.ended}, not closed"
+        for d in (0, 1):
+            assert bytes(self.peers[1 - d].received) == expected(
+                self.mode_name, bytes(self.peers[d].sent))
+            assert self.peers[1 - d].got_fin
+
+
+FlowPlaybook.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+test_flow_playbook = FlowPlaybook.TestCase
+
+
+# -- single scenarios, spelled out -------------------------------------------------------------
+
+def drive(core, d, perform):
+    """One step of direction d with perform(op) -> done()'s arguments."""
+    core.begin(d)
+    while (op := core.next(d)) is not None:
+        reason = core.done(d, *perform(op))
+        if reason:
+            return reason
+    return int(core.progress(d))
+
+
+def test_fin_waits_for_the_buffered_bytes():
+    """Identity: the source's FIN arrives with bytes still buffered (the destination is
+    full): no SHUTDOWN until they are sent."""
+    core = fc.FlowCore(fc.IDENTITY, 16)
+    ops = []
+
+    def blocked_dst(op):
+        ops.append(op.name)
+        if op.kind == fc.RECV:
+            return (5, b"hello") if "RECV" not in ops[:-1] else (0,)
+        if op.kind == fc.SEND:
+            return (fc.AGAIN,)
+        raise AssertionError(op)
+    core.event(0, rdhup=True)
+    while drive(core, 0, blocked_dst) == 1:
+        pass
+    assert "SHUTDOWN" not in ops and core.direction(0)["eof"]
+    core.event(1, writable=True)
+    assert drive(core, 0, lambda op: (op.size,) if op.kind == fc.SEND else (0,)) == 1
+    assert core.direction(0)["done"]
+
+
+def test_stream_fin_waits_for_the_eof_flush():
+    core = fc.FlowCore(fc.STREAM, 8, 8)
+    calls = []
+
+    def perform(op):
+        if op.kind == fc.RECV:
+            return (0,)
+        if op.kind == fc.PROCESS:
+            calls.append(op.eof)
+            out = b"tail" if len(calls) == 1 else b""
+            return (len(out), out, 0)
+        if op.kind == fc.SEND:
+            assert core.payload(0) == b"tail"
+            return (op.size,)
+        assert op.kind == fc.SHUTDOWN and calls == [True, True]
+        return (0,)
+    while not core.direction(0)["done"]:
+        assert drive(core, 0, perform) == 1
+
+
+def test_identity_moves_to_splice_only_with_an_empty_buffer():
+    core = fc.FlowCore(fc.IDENTITY, 16)
+    seen = []
+
+    def perform(op):
+        seen.append(op.name)
+        if op.kind == fc.RECV:      # a full read, then the socket is empty
+            return (16, b"x" * 16) if seen.count("RECV") % 2 else (fc.AGAIN,)
+        if op.kind == fc.SEND:
+            return (op.size,)
+        if op.kind == fc.GET_PIPE:
+            assert core.direction(0)["pending"] == 0
+            return (64,)
+        if op.kind == fc.SPLICE_IN:
+            return (fc.AGAIN,)
+        raise AssertionError(op)
+    for _ in range(6):
+        core.event(0, readable=True)
+        drive(core, 0, perform)
+    assert "GET_PIPE" in seen and core.direction(0)["path"] == fc.PATH_PIPE
+
+
+def test_no_pipe_keeps_both_directions_on_the_buffer_path():
+    core = fc.FlowCore(fc.IDENTITY, 16)
+    reads = []
+
+    def perform(op):
+        if op.kind == fc.RECV:
+            reads.append(op)
+            return (16, b"y" * 16) if len(reads) % 2 else (fc.AGAIN,)
+        if op.kind == fc.SEND:
+            return (op.size,)
+        if op.kind == fc.GET_PIPE:
+            return (fc.FAILED,)
+        raise AssertionError(op)
+    for _ in range(6):
+        core.event(0, readable=True)
+        drive(core, 0, perform)
+    assert not core.use_pipes and core.direction(0)["path"] == fc.PATH_BUFFER
+
+
+def test_a_reset_flows_dirty_pipe_is_not_reusable():
+    core = fc.FlowCore(fc.IDENTITY, 16)
+
+    reads = []
+
+    def perform(op):
+        if op.kind == fc.RECV:
+            reads.append(op)
+            return (16, b"z" * 16) if len(reads) % 2 else (fc.AGAIN,)
+        return {fc.SEND: (16,), fc.GET_PIPE: (64,), fc.SPLICE_IN: (40,),
+                fc.SPLICE_OUT: (fc.AGAIN,)}[op.kind]
+    for _ in range(6):
+        core.event(0, readable=True)
+        drive(core, 0, perform)
+    assert core.direction(0)["pending"] > 0
+    assert not core.pipe_reusable(0)
+    assert core.end() and not core.end()
+
+
+@pytest.mark.parametrize("outcome, why", [
+    ((fc.PROCESS_RESET, b"", 0), "asked"),
+    ((fc.PROCESS_ERROR, b"", 0), "PIPES_VF_ERROR"),
+    ((9, b"123456789", 0), "out of range"),
+])
+def test_function_results_that_reset_the_flow(outcome, why):
+    core = fc.FlowCore(fc.STREAM, 8, 8)
+
+    def perform(op):
+        return (3, b"abc") if op.kind == fc.RECV else outcome
+    reason = drive(core, 0, perform)
+    assert reason in (fc.VF_RESET, fc.VF_ERROR) and why in core.why
+    assert core.round(reason, 0) == reason
+
+
+def test_connecting_flow_waits_for_the_server():
+    core = fc.FlowCore(fc.IDENTITY, 16, connecting=True)
+    assert core.event(0, readable=True) == fc.EV_NOTHING    # read once connected
+    assert core.event(1, writable=True, so_error=111) == fc.EV_CONNECT_FAILED
+    core = fc.FlowCore(fc.IDENTITY, 16, connecting=True)
+    assert core.event(0, error=True) == fc.EV_RESET          # the client gave up
+    core = fc.FlowCore(fc.IDENTITY, 16, connecting=True)
+    assert core.event(1, writable=True) == fc.EV_PUMP and core.state == fc.OPEN

@@ -1,0 +1,53 @@
+"""kernelsetup.render_ruleset: the nft template filled in for one instance (pure text; the
+e2e tests load it into a namespace)."""
+import ipaddress
+
+import pytest
+
+from srv6pipes import kernelsetup
+from srv6pipes.kernelsetup import KernelConfig
+
+
+def config(**kw):
+    values = dict(name="t1", locator="fc00:1::/80", port=8443, queue_num=7, fwmark=0x40)
+    values.update(kw)
+    return KernelConfig(**values)
+
+
+def test_placeholders_are_filled_and_none_left():
+    text = kernelsetup.render_ruleset(config(), "nft")
+    assert "@" not in "".join(line.split("#")[0] for line in text.splitlines())
+    assert "table inet srv6pipes_t1 {" in text
+    assert "ip6 daddr fc00:1::/80 tcp flags & (syn | ack) == syn tproxy ip6 to :8443" in text
+    assert "meta mark | 0x40 accept" in text
+    assert "queue num 7 bypass" in text
+
+
+def test_the_queue_block_only_with_the_nft_backend():
+    with_queue = kernelsetup.render_ruleset(config(), "nft")
+    without = kernelsetup.render_ruleset(config(), "ip6tables")
+    assert "chain syn_queue" in with_queue and "chain syn_queue" not in without
+    assert "BEGIN_NFT_QUEUE" not in with_queue + without
+    # Everything else is the same ruleset.
+    assert without.replace(" ", "") in with_queue.replace(" ", "") or \
+        set(without.splitlines()) <= set(with_queue.splitlines())
+
+
+def test_the_table_is_replaced_atomically():
+    lines = [line for line in kernelsetup.render_ruleset(config(name="x"), "nft").splitlines()
+             if line and not line.startswith("#")]
+    assert lines[:3] == ["table inet srv6pipes_x {}", "delete table inet srv6pipes_x",
+                         "table inet srv6pipes_x {"]
+
+
+@pytest.mark.parametrize("bad", [dict(name="no spaces"), dict(port=0), dict(table=254),
+                                 dict(rule_priority=40000), dict(fwmark=0)])
+def test_bad_configs_are_refused_before_rendering(bad):
+    with pytest.raises(ValueError):
+        config(**bad)
+
+
+def test_config_round_trips_through_its_state_file_form():
+    cfg = config()
+    assert KernelConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.locator == ipaddress.IPv6Network("fc00:1::/80")
