@@ -316,22 +316,6 @@ def _drain(fd: int) -> None:
         pass
 
 
-def run_capture(name: str, queue_num: int, table, logger: Optional[logging.Logger] = None,
-                stop_event=None, wake_fd: Optional[int] = None) -> None:
-    """Binds queue_num and feeds `table` until stop_event (threading/multiprocessing Event)
-    is set; forever without one. Raises CaptureError when the queue cannot be bound."""
-    logger = logger or log
-    capture = SynCapture(table, queue_num, logger)
-    capture.bind()
-    logger.info("capture [%s]: NFQUEUE %d -> SRH table %s", name, queue_num,
-                _srhtable.segment_name(name))
-    try:
-        capture.serve(stop_event.is_set if stop_event is not None else (lambda: False),
-                      wake_fd)
-    finally:
-        capture.close()
-
-
 # -- the process -----------------------------------------------------------------------
 def run_capture_process(name: str, queue_num: int, table, return_routes=None,
                         hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> None:
