@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab.flood import Flood, probe, spoofed_routes  # noqa: E402
+from lab.report import run_settings  # noqa: E402
 from lab.modes import ModeUnavailable, make_mode  # noqa: E402
 from lab.pinning import PINNINGS, apply_rps  # noqa: E402
 from lab.servers import HTTP_PORT, Servers  # noqa: E402
@@ -121,7 +122,7 @@ def main(argv=None):
 
     results = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
                "kernel": platform.release(), "cpus": os.cpu_count(),
-               "settings": vars(args), "modes": []}
+               "settings": run_settings(args), "modes": []}
     with tempfile.TemporaryDirectory(prefix="sp-flood-") as workdir:
         for name in args.modes.split(","):
             results["modes"].append(run_mode(name, args, Testbed, workdir))

@@ -23,6 +23,7 @@ from ipaddress import IPv6Address
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lab.flood import FLOOD_PREFIX  # noqa: E402
+from lab.report import run_settings  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz-data")
 
@@ -105,7 +106,7 @@ def main(argv=None):
     from lab.flood import probe, spoofed_routes
 
     results = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "kernel": platform.release(), "cpus": os.cpu_count(), "settings": vars(args)}
+               "kernel": platform.release(), "cpus": os.cpu_count(), "settings": run_settings(args)}
     with Testbed(proxies=1) as tb, tempfile.TemporaryDirectory(prefix="sp-fuzz-") as workdir:
         www = os.path.join(workdir, "www")
         os.makedirs(www)

@@ -180,3 +180,9 @@ def spread_note(cells, limit=0.15):
         return None
     return "repetitions differ by more than 15% in: " + ", ".join(noisy)
 
+
+
+def run_settings(args) -> dict:
+    """A run's arguments as its raw data records them: without the output folder, which is
+    where the file already is and would name one checkout's path."""
+    return {key: value for key, value in vars(args).items() if key != "out"}

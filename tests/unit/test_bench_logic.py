@@ -397,3 +397,10 @@ def test_unpinned_runs_nothing_under_taskset():
     assert free.taskset(free.client_cpus) == [] and free.taskset(free.middlebox_cpus) == []
     assert free.rps is None
     assert "client on any CPU" in pinning.pinning_note(free.as_dict())
+
+
+def test_raw_data_settings_name_no_checkout_path():
+    import argparse
+
+    args = argparse.Namespace(rate=20000, seconds=20.0, out="/some/checkout/bench/flood-data")
+    assert report.run_settings(args) == {"rate": 20000, "seconds": 20.0}
