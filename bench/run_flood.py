@@ -15,7 +15,6 @@ from a /64 nobody routes (lab/flood.py). Results: printed, and JSON in bench/flo
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -25,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab.flood import Flood, probe, spoofed_routes  # noqa: E402
-from lab.report import run_settings  # noqa: E402
+from lab.report import run_settings, save_raw  # noqa: E402
 from lab.modes import ModeUnavailable, make_mode  # noqa: E402
 from lab.pinning import PINNINGS, apply_rps  # noqa: E402
 from lab.servers import HTTP_PORT, Servers  # noqa: E402
@@ -136,10 +135,7 @@ def main(argv=None):
         print(f"| {row['mode']} | {row['baseline']['success_ratio']:.1%} | "
               f"{f['success_ratio']:.1%} ({f['successes']}/{f['attempts']}) | "
               f"{f['latency_ms_p50']} / {f['latency_ms_p99']} |")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"flood-{results['started'].replace(':', '')}.json")
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    path = save_raw(results, args.out, "flood")
     print(f"\nraw data: {path}")
     return 0
 

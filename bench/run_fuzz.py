@@ -23,7 +23,7 @@ from ipaddress import IPv6Address
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lab.flood import FLOOD_PREFIX  # noqa: E402
-from lab.report import run_settings  # noqa: E402
+from lab.report import run_settings, save_raw  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz-data")
 
@@ -161,10 +161,7 @@ def main(argv=None):
           and results["legitimate_during_syns"].get("success_ratio", 0) >= 0.95
           and growth <= args.max_growth_mib)
     results["verdict"] = "ok" if ok else "FAILED"
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"fuzz-{results['started'].replace(':', '')}.json")
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    path = save_raw(results, args.out, "fuzz")
     print(f"\n{results['verdict']}: memory {growth:+.1f} MiB; raw data: {path}")
     return 0 if ok else 1
 

@@ -21,10 +21,12 @@ import subprocess
 import threading
 import time
 
+from srv6pipes.lab.apps import connection_failure
+from srv6pipes.system import IPV6_RTHDR
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synflood.c")
 BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build")
 FLOOD_PREFIX = "fd00:bad::"
-IPV6_RTHDR = 57
 
 
 class FloodError(RuntimeError):
@@ -131,14 +133,8 @@ def http_get(host, server, port: int, path: str, srh: bytes | None, timeout: flo
             data += chunk
         return "ok" if data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200") \
             else "bad reply"
-    except ConnectionResetError:
-        return "reset"
-    except ConnectionRefusedError:
-        return "refused"
-    except (TimeoutError, socket.timeout):
-        return "timeout"
     except OSError as exc:
-        return f"error {exc.errno}"
+        return connection_failure(exc)
     finally:
         sock.close()
 

@@ -1,5 +1,6 @@
 """Medians, ratios to the router of the same run, costs, JSON and markdown tables."""
 import json
+import os
 
 from . import cost as costs
 
@@ -186,3 +187,13 @@ def run_settings(args) -> dict:
     """A run's arguments as its raw data records them: without the output folder, which is
     where the file already is and would name one checkout's path."""
     return {key: value for key, value in vars(args).items() if key != "out"}
+
+
+def save_raw(results: dict, folder: str, kind: str) -> str:
+    """Writes a run's raw data as FOLDER/KIND-<results["started"]>.json; returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{kind}-{results['started'].replace(':', '')}.json")
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    return path
+

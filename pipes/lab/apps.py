@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,18 @@ class Pipesd:
                 self.proc.wait(5)
         self.log_file.close()
         return self.proc.returncode
+
+
+def connection_failure(exc: OSError) -> str:
+    """How a lab client's connection failed, in the words the tests and benchmarks count:
+    'reset', 'refused', 'timeout', else 'error ERRNO'."""
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timeout"
+    return f"error {exc.errno}"
 
 
 def wait_listening(host, port: int, proc=None, timeout: float = READY_TIMEOUT) -> None:

@@ -17,10 +17,10 @@ import socket
 from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab.apps import Pipesd
 from srv6pipes.srh import SRH
+from srv6pipes.system import IPV6_RTHDR
 
 from tests.e2e.e2ekit import ECHO_PORT, FUNCTIONS, PEER_HEADER, EchoServer
 
-IPV6_RTHDR = 57
 # Access routers' SRH HMAC keys: a1 signs with 101, a2 with 102 (KEYID SECRET lines).
 HMAC_KEYS = {"a1": (101, b"staff-router-secret"), "a2": (102, b"students-router-secret")}
 HMAC_KEYRING = "".join(f"{key_id} {secret.decode()}\n" for key_id, secret in HMAC_KEYS.values())

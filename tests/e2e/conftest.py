@@ -37,3 +37,12 @@ def lab(trusted_path_factory):
                 proxy.stop()
 
 
+@pytest.fixture
+def line(testbed):
+    """c - p1 - s with an echo server on s and no pipesd yet: (testbed, Lab). Each test
+    starts the pipesd it needs on p1."""
+    tb = testbed(proxies=1)
+    server = EchoServer(tb.hosts["s"])
+    yield tb, Lab(tb, {}, server)
+    server.close()
+

@@ -14,10 +14,10 @@ import time
 
 from srv6pipes import kernelsetup
 from srv6pipes.addressplan import AddressPlan
-from srv6pipes.lab.apps import Pipesd
+from srv6pipes.lab.apps import Pipesd, connection_failure
 from srv6pipes.srh import SRH
+from srv6pipes.system import IPV6_RTHDR
 
-IPV6_RTHDR = 57
 ECHO_PORT = 9000        # echoes, then half-closes after the client's FIN
 RESET_PORT = 9001       # reads a little, then resets
 CLOSE_PORT = 9002       # sends the peer header and closes first (HTTP with Connection: close)
@@ -243,18 +243,15 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
 
 def connection_outcome(make_socket, target, timeout=5.0) -> str:
     """Connects (socket from make_socket()), waits for the first reply byte; returns what
-    happened: 'reset', 'refused', 'timeout', 'eof' or 'data'. Always closes the socket."""
+    happened: 'eof', 'data' or connection_failure()'s word ('reset', 'refused', 'timeout',
+    'error N'). Always closes the socket."""
     sock = make_socket()
     sock.settimeout(timeout)
     try:
         sock.connect(target)
         return "data" if sock.recv(10) else "eof"
-    except ConnectionResetError:
-        return "reset"
-    except ConnectionRefusedError:
-        return "refused"
-    except (TimeoutError, socket.timeout):
-        return "timeout"
+    except OSError as exc:
+        return connection_failure(exc)
     finally:
         sock.close()
 
@@ -293,3 +290,21 @@ def kernel_state(host, name: str) -> dict:
         "shm": sorted(f for f in os.listdir("/dev/shm") if name in f),
         "control": os.path.exists(f"/run/srv6pipes/{name}.sock"),
     }
+
+
+# -- the one-proxy line (fixture `line` in conftest.py): c - p1 - s ---------------------------
+def identity_address(tb):
+    """p1's identity function address."""
+    return AddressPlan(tb.locator("p1")).encode(0)
+
+
+def name_for(test: str) -> str:
+    """A pipesd instance name unique to this test run."""
+    return f"{test}{os.getpid()}"
+
+
+def roundtrip_ok(lab, tb, size=50_000) -> bool:
+    """`size` random bytes echoed intact through p1's identity function."""
+    payload = os.urandom(size)
+    return lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
+

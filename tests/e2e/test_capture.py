@@ -25,6 +25,7 @@ import pytest
 from srv6pipes import _srhtable, capture
 from srv6pipes.ratelimit import RateLimitedLogger
 from srv6pipes.srh import RETURN_PATH_TLV, SRH, TLV
+from srv6pipes.system import IPV6_RTHDR
 
 from tests.support.childrun import run_in_child
 from tests.support.synpackets import (ipv6_packet, scratch_table, syn_with_srh, table_counts,
@@ -36,7 +37,6 @@ P1 = A("fc00:1::1")       # "proxy" segments: local addresses of the namespace
 P2 = A("fc00:2::1")
 P3 = A("fc00:3::1")
 SERVER = A("fc00:5::80")
-IPV6_RTHDR = 57
 
 
 @pytest.fixture

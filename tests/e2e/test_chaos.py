@@ -15,35 +15,17 @@ import time
 
 import pytest
 
-from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab import fuzz
 from srv6pipes.lab.apps import Pipesd
 
-from tests.e2e.e2ekit import (DOWNLOAD_PORT, EchoServer, Lab, download_block,
-                              wait_for)
+from tests.e2e.e2ekit import (DOWNLOAD_PORT, download_block, identity_address, name_for,
+                              roundtrip_ok, wait_for)
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def line(testbed):
-    tb = testbed(proxies=1)
-    server = EchoServer(tb.hosts["s"])
-    yield tb, Lab(tb, {}, server)
-    server.close()
 
 
-def identity(tb):
-    return AddressPlan(tb.locator("p1")).encode(0)
-
-
-def name_for(test: str) -> str:
-    return f"{test}{os.getpid()}"
-
-
-def roundtrip_ok(lab, tb, size=20_000) -> bool:
-    payload = os.urandom(size)
-    return lab.echo_roundtrip([identity(tb)], payload)[1] == payload
 
 
 class Download:
@@ -55,7 +37,7 @@ class Download:
         self.size = size
         self.outcome = None
         self.received = 0
-        self.sock = lab.connect([identity(tb)], port=DOWNLOAD_PORT, timeout=30)
+        self.sock = lab.connect([identity_address(tb)], port=DOWNLOAD_PORT, timeout=30)
         self.thread = threading.Thread(target=self.run, args=(chunk, pause), daemon=True)
         self.thread.start()
 
@@ -120,8 +102,8 @@ def test_idle_flows_end_after_the_client_timeout_and_sigterm_is_prompt(line):
                    extra=("--timeout-client", "2", "--timeout-server", "2",
                           "--drain-timeout", "30"))
     try:
-        idle = lab.connect([identity(tb)])
-        busy = lab.connect([identity(tb)])
+        idle = lab.connect([identity_address(tb)])
+        busy = lab.connect([identity_address(tb)])
         header = b""
         while len(header) < 64:
             header += idle.recv(64 - len(header))
@@ -153,7 +135,7 @@ def test_a_client_that_vanished_without_a_reset_is_found_by_keepalive(line):
                    extra=("--keepalive", "1,1,2", "--timeout-client", "0",
                           "--timeout-server", "0"))
     try:
-        sock = lab.connect([identity(tb)])
+        sock = lab.connect([identity_address(tb)])
         assert wait_for(lambda: proxy.stats()["totals"]["functions"]
                         .get("identity", {}).get("flows_active") == 1)
         # From now on C answers nothing: no RST for the socket it is about to lose, none
@@ -205,7 +187,7 @@ def test_five_reloads_under_load_fail_no_connection_and_corrupt_no_transfer(line
     (www / "1k").write_bytes(os.urandom(1024))
     server = Lighttpd(tb.hosts["s"], str(www), port=80, access_log=False)
     try:
-        tb.steer("c", "s", [identity(tb)], port=80)
+        tb.steer("c", "s", [identity_address(tb)], port=80)
         downloads = [Download(lab, tb, 400 << 20, pause=0.008) for _ in range(2)]
         wrk = tb.hosts["c"].popen(["wrk", "-t2", "-c20", "-d10s", "-H", "Connection: close",
                                    f"http://[{tb.hosts['s'].addr}]/1k"],
@@ -238,7 +220,7 @@ def test_after_stop_routed_connections_from_the_same_client_port_work_at_once(li
     proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("tw"), workers=1)
     ports = [31700 + i for i in range(5)]
     for port in ports:       # the server closes first: P1 holds the TIME_WAIT toward C
-        sock = lab.connect([identity(tb)], port=CLOSE_PORT, source_port=port)
+        sock = lab.connect([identity_address(tb)], port=CLOSE_PORT, source_port=port)
         while sock.recv(1024):
             pass
         sock.close()
@@ -361,7 +343,7 @@ def reconnect_from(lab, tb, port, source_port):
     """One connection through P1 from C:source_port; returns the greeting (EOF read)."""
     from tests.e2e.e2ekit import read_to_eof
 
-    sock = lab.connect([identity(tb)], port=port, source_port=source_port, timeout=10)
+    sock = lab.connect([identity_address(tb)], port=port, source_port=source_port, timeout=10)
     return read_to_eof(sock)
 
 
@@ -420,9 +402,9 @@ def test_a_spoofed_syn_flood_leaves_legitimate_clients_in(line, tmp_path):
     tb.hosts["p1"].run(["sysctl", "-qw", "net.core.somaxconn=64"])
     proxy = Pipesd(tb.hosts["p1"], tb.locator("p1"), name_for("flood"), workers=2)
     try:
-        srh = SRH.from_path([identity(tb), tb.hosts["s"].addr]).to_bytes()
+        srh = SRH.from_path([identity_address(tb), tb.hosts["s"].addr]).to_bytes()
         with spoofed_routes(tb):
-            flood = Flood(tb.hosts["c"], tb.hosts["s"].addr, 80, 3000, 6, [identity(tb)])
+            flood = Flood(tb.hosts["c"], tb.hosts["s"].addr, 80, 3000, 6, [identity_address(tb)])
             time.sleep(1)
             result = probe(tb.hosts["c"], tb.hosts["s"].addr, 80, "/1k", 60, 0.07, srh)
             flood.wait()

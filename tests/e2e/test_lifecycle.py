@@ -14,34 +14,16 @@ import time
 import pytest
 
 from srv6pipes import kernelsetup
-from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab.apps import Pipesd
 
-from tests.e2e.e2ekit import (ECHO_PORT, EchoServer, Lab, connection_outcome, kernel_state,
-                    read_to_eof, wait_for)
+from tests.e2e.e2ekit import (ECHO_PORT, connection_outcome, identity_address, kernel_state,
+                              name_for, read_to_eof, roundtrip_ok, wait_for)
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def line(testbed):
-    tb = testbed(proxies=1)
-    server = EchoServer(tb.hosts["s"])
-    yield tb, Lab(tb, {}, server)
-    server.close()
 
 
-def identity_address(tb):
-    return AddressPlan(tb.locator("p1")).encode(0)
-
-
-def roundtrip_ok(lab, tb, size=50_000) -> bool:
-    payload = os.urandom(size)
-    return lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
-
-
-def name_for(test: str) -> str:
-    return f"{test}{os.getpid()}"
 
 
 def test_no_kernel_state_left_after_sigterm(line):

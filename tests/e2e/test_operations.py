@@ -15,10 +15,10 @@ import urllib.request
 
 import pytest
 
-from srv6pipes.addressplan import AddressPlan
 from srv6pipes.lab.apps import Pipesd
 
-from tests.e2e.e2ekit import EchoServer, Lab, kernel_state, read_to_eof, wait_for
+from tests.e2e.e2ekit import (identity_address, kernel_state, name_for, read_to_eof,
+                              wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +27,7 @@ PIPESCTL = [sys.executable, "-c", "import sys; from srv6pipes.cli import pipesct
             "sys.exit(pipesctl_main(sys.argv[1:]))"]
 
 
-@pytest.fixture
-def line(testbed):
-    tb = testbed(proxies=1)
-    server = EchoServer(tb.hosts["s"])
-    yield tb, Lab(tb, {}, server)
-    server.close()
 
-
-def name_for(test: str) -> str:
-    return f"{test}{os.getpid()}"
-
-
-def identity(tb):
-    return AddressPlan(tb.locator("p1")).encode(0)
 
 
 def syn_retransmissions(host) -> int:
@@ -127,14 +114,14 @@ def test_reload_changing_kernel_settings_fails_no_connection(line, tmp_path):
         while not stop.is_set():
             try:
                 payload = os.urandom(2000)
-                outcomes.append("ok" if lab.echo_roundtrip([identity(tb)], payload,
+                outcomes.append("ok" if lab.echo_roundtrip([identity_address(tb)], payload,
                                                            timeout=10)[1] == payload
                                 else "corrupt")
             except Exception as exc:  # noqa: BLE001 - every failure counts
                 outcomes.append(repr(exc))
 
     try:
-        flow = lab.connect([identity(tb)])
+        flow = lab.connect([identity_address(tb)])
         header = b""
         while len(header) < 64:
             header += flow.recv(64 - len(header))
@@ -193,7 +180,7 @@ def test_reload_with_a_bad_config_keeps_serving(line, tmp_path):
         config.write_text("route_table = 254\n")
         assert "must not be 254" in proxy.ctl("reload", check=False).stderr
         payload = os.urandom(10_000)
-        assert lab.echo_roundtrip([identity(tb)], payload)[1] == payload
+        assert lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
         assert proxy.stats()["generation"] == 1
     finally:
         proxy.stop()
@@ -208,7 +195,7 @@ def test_pipesctl_tables_json_and_prometheus_metrics(line):
     proxy = Pipesd(p1, tb.locator("p1"), name_for("out"), workers=2)
     try:
         payload = os.urandom(30_000)
-        assert lab.echo_roundtrip([identity(tb)], payload)[1] == payload
+        assert lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
         ctl = [*PIPESCTL, "--name", proxy.name]
         table = p1.run([*ctl, "stats"]).stdout
         assert "functions" in table and "identity" in table and "bytes_up" in table
@@ -271,7 +258,7 @@ def test_pipesd_metrics_listen_serves_prometheus_and_follows_reloads(line, tmp_p
                    extra=("--config", str(config)))
     try:
         payload = os.urandom(20_000)
-        assert lab.echo_roundtrip([identity(tb)], payload)[1] == payload
+        assert lab.echo_roundtrip([identity_address(tb)], payload)[1] == payload
         text = wait_for(lambda: scrape(p1, "http://[::1]:9470/metrics"), 10)
         families = {f.name: f for f in text_string_to_metric_families(text)}
         assert families["srv6pipes_accepted"].samples[0].value >= 1

@@ -404,3 +404,10 @@ def test_raw_data_settings_name_no_checkout_path():
 
     args = argparse.Namespace(rate=20000, seconds=20.0, out="/some/checkout/bench/flood-data")
     assert report.run_settings(args) == {"rate": 20000, "seconds": 20.0}
+
+
+def test_save_raw_names_the_file_after_the_run_start(tmp_path):
+    path = report.save_raw({"started": "2026-12-02T12:15:29", "x": 1}, str(tmp_path / "d"), "flood")
+    assert path == str(tmp_path / "d" / "flood-2026-12-02T121529.json")
+    with open(path) as handle:
+        assert json.load(handle) == {"started": "2026-12-02T12:15:29", "x": 1}

@@ -461,14 +461,27 @@ def test_stream_fin_waits_for_the_eof_flush():
         assert drive(core, 0, perform) == 1
 
 
-def test_identity_moves_to_splice_only_with_an_empty_buffer():
-    core = fc.FlowCore(fc.IDENTITY, 16)
+def bulk_reads(core, answer, rounds=6):
+    """Direction 0 made readable `rounds` times by a bulk sender: every other RECV fills the
+    16-byte buffer, the next finds the socket empty. answer(op) answers the other
+    operations. Returns the names of every operation asked for, in order."""
     seen = []
 
     def perform(op):
         seen.append(op.name)
-        if op.kind == fc.RECV:      # a full read, then the socket is empty
+        if op.kind == fc.RECV:
             return (16, b"x" * 16) if seen.count("RECV") % 2 else (fc.AGAIN,)
+        return answer(op)
+    for _ in range(rounds):
+        core.event(0, readable=True)
+        drive(core, 0, perform)
+    return seen
+
+
+def test_identity_moves_to_splice_only_with_an_empty_buffer():
+    core = fc.FlowCore(fc.IDENTITY, 16)
+
+    def answer(op):
         if op.kind == fc.SEND:
             return (op.size,)
         if op.kind == fc.GET_PIPE:
@@ -477,45 +490,27 @@ def test_identity_moves_to_splice_only_with_an_empty_buffer():
         if op.kind == fc.SPLICE_IN:
             return (fc.AGAIN,)
         raise AssertionError(op)
-    for _ in range(6):
-        core.event(0, readable=True)
-        drive(core, 0, perform)
+    seen = bulk_reads(core, answer)
     assert "GET_PIPE" in seen and core.direction(0)["path"] == fc.PATH_PIPE
 
 
 def test_no_pipe_keeps_both_directions_on_the_buffer_path():
     core = fc.FlowCore(fc.IDENTITY, 16)
-    reads = []
 
-    def perform(op):
-        if op.kind == fc.RECV:
-            reads.append(op)
-            return (16, b"y" * 16) if len(reads) % 2 else (fc.AGAIN,)
+    def answer(op):
         if op.kind == fc.SEND:
             return (op.size,)
         if op.kind == fc.GET_PIPE:
             return (fc.FAILED,)
         raise AssertionError(op)
-    for _ in range(6):
-        core.event(0, readable=True)
-        drive(core, 0, perform)
+    bulk_reads(core, answer)
     assert not core.use_pipes and core.direction(0)["path"] == fc.PATH_BUFFER
 
 
 def test_a_reset_flows_dirty_pipe_is_not_reusable():
     core = fc.FlowCore(fc.IDENTITY, 16)
-
-    reads = []
-
-    def perform(op):
-        if op.kind == fc.RECV:
-            reads.append(op)
-            return (16, b"z" * 16) if len(reads) % 2 else (fc.AGAIN,)
-        return {fc.SEND: (16,), fc.GET_PIPE: (64,), fc.SPLICE_IN: (40,),
-                fc.SPLICE_OUT: (fc.AGAIN,)}[op.kind]
-    for _ in range(6):
-        core.event(0, readable=True)
-        drive(core, 0, perform)
+    bulk_reads(core, lambda op: {fc.SEND: (16,), fc.GET_PIPE: (64,), fc.SPLICE_IN: (40,),
+                                 fc.SPLICE_OUT: (fc.AGAIN,)}[op.kind])
     assert core.direction(0)["pending"] > 0
     assert not core.pipe_reusable(0)
     assert core.end() and not core.end()
