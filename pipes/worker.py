@@ -34,6 +34,7 @@ import signal
 import socket
 import struct
 import time
+from typing import Any, NamedTuple
 
 from . import _relay, messages, onward, system, vfmodules
 from ._sockops import accept_connection, reset_and_close, saved_syn, set_keepalive
@@ -186,6 +187,18 @@ def resolve_route(table_entry, saved_syn: bytes | None, plan: AddressPlan,
     return Route(wire, segments_left, active, function_id, params)
 
 
+class PendingFlow(NamedTuple):
+    """An accepted client whose route is decided, before its onward connection exists."""
+
+    client: int              # the accepted socket's descriptor
+    client_addr: bytes
+    client_port: int
+    dest_addr: bytes
+    dest_port: int
+    route: Route
+    function: Any            # functions.Function: the function the route names
+
+
 class Worker:
     """Built in the master before fork; everything process-specific happens in run()."""
 
@@ -214,7 +227,8 @@ class Worker:
         self.stopping_since: float | None = None
         self.spare_fd: int | None = None
         self.rlog = RateLimitedLogger(log)
-        self.parked: list[list] = []    # flows waiting for their onward tuple (park)
+        self.parked: list[tuple[float, PendingFlow]] = []  # (deadline, flow): park()
+        self.retry_at = 0.0                                  # next retry_parked()
 
     # -- process set-up -------------------------------------------------------------
     def run(self) -> None:
@@ -283,9 +297,12 @@ class Worker:
         relay = self.relay
         stats = self.stats
         while True:
-            ready = relay.poll(int(onward.RETRY_INTERVAL * 1000) if self.parked else 200)
             if self.parked:
-                self.retry_parked()
+                ready = relay.poll(max(0, int((self.retry_at - time.monotonic()) * 1000)))
+                if time.monotonic() >= self.retry_at:
+                    self.retry_parked()
+            else:
+                ready = relay.poll(200)
             stats.set("heartbeat_ms", time.monotonic_ns() // 1_000_000)
             if ready & _relay.WATCHED_READY:
                 self.handle_control()
@@ -362,12 +379,6 @@ class Worker:
                 function = self.registry.by_id(route.function_id)
             except UnknownFunction as exc:
                 raise Rejected("unknown_function", str(exc)) from None
-            # Step 4 (onward.py); on failure it has closed its own socket.
-            server = onward.connect(client_addr, client_port, dest_addr, dest_port,
-                                         route.onward)
-        except TupleBusy:
-            self.park(client, client_addr, client_port, dest_addr, dest_port, route, function)
-            return
         except Rejected as rejected:
             self.stats.add(rejected.counter)
             self.rlog.warning(rejected.counter, "reset %s:%d -> %s: %s",
@@ -375,63 +386,74 @@ class Worker:
             reset_and_close(client)
             return
         except OSError as exc:
-            counter = "fd_exhausted" if exc.errno in FD_EXHAUSTED else "onward_failed"
-            self.stats.add(counter)
-            self.rlog.warning(counter, "reset %s:%d: onward connection failed: %s",
-                              address_text(client_addr), client_port, exc)
-            reset_and_close(client)
+            self.give_up(client, client_addr, client_port, exc)
             return
-        self.start_relay(client, server, client_addr, client_port, dest_addr, dest_port, route,
-                         function)
+        flow = PendingFlow(client, client_addr, client_port, dest_addr, dest_port, route,
+                           function)
+        if not self.go_onward(flow):
+            self.park(flow)
 
-    def start_relay(self, client: int, server: int, client_addr: bytes, client_port: int,
-                    dest_addr: bytes, dest_port: int, route: "Route", function) -> None:
-        """Step 5: the relay owns both descriptors from here, whatever add_flow does."""
+    def go_onward(self, flow: "PendingFlow") -> bool:
+        """Steps 4 and 5: the onward connection (onward.py), then the relay owns both
+        descriptors, whatever add_flow does. False when the onward 4-tuple is still held
+        by a closing connection (the caller parks the flow); on any other failure the
+        client is reset (and True: the flow is finished with)."""
+        route = flow.route
+        try:
+            server = onward.connect(flow.client_addr, flow.client_port, flow.dest_addr,
+                                    flow.dest_port, route.onward)
+        except TupleBusy:
+            return False
+        except OSError as exc:  # onward.connect has closed its own socket
+            self.give_up(flow.client, flow.client_addr, flow.client_port, exc)
+            return True
+        function = flow.function
         if function.kind != KIND_SPLICE:  # spawn gets the flow's addresses
-            flow = (client_addr, client_port, dest_addr, dest_port, route.function_address)
-            self.relay.add_flow(client, server, function.slot, function.address,
-                                function.python, route.params, flow)
+            addresses = (flow.client_addr, flow.client_port, flow.dest_addr, flow.dest_port,
+                         route.function_address)
+            self.relay.add_flow(flow.client, server, function.slot, function.address,
+                                function.python, route.params, addresses)
         else:
-            self.relay.add_flow(client, server, function.slot)
+            self.relay.add_flow(flow.client, server, function.slot)
+        return True
+
+    def give_up(self, client: int, client_addr: bytes, client_port: int, exc: OSError) -> None:
+        """Resets a client whose flow could not be set up, counted and logged."""
+        counter = "fd_exhausted" if exc.errno in FD_EXHAUSTED else "onward_failed"
+        self.stats.add(counter)
+        self.rlog.warning(counter, "reset %s:%d: onward connection failed: %s",
+                          address_text(client_addr), client_port, exc)
+        reset_and_close(client)
 
     # -- flows waiting for their onward 4-tuple (onward.py) ----------------------------
-    def park(self, client: int, *flow) -> None:
-        """The onward tuple is still closing: retry every RETRY_INTERVAL (retry_parked)."""
+    def park(self, flow: "PendingFlow") -> None:
+        """The onward tuple is still closing: retried every RETRY_INTERVAL for RETRY_FOR
+        (retry_parked, from the loop)."""
         if len(self.parked) >= onward.MAX_PARKED:
-            self.stats.add("onward_failed")
-            self.rlog.warning("onward_failed", "reset %s:%d: too many flows waiting for "
-                              "their onward tuple", address_text(flow[0]), flow[1])
-            reset_and_close(client)
+            self.give_up(flow.client, flow.client_addr, flow.client_port,
+                         OSError(errno.EADDRNOTAVAIL, "too many flows waiting for their "
+                                 "onward tuple"))
             return
-        now = time.monotonic()
-        self.parked.append([now + onward.RETRY_FOR, client, *flow])
+        if not self.parked:
+            self.retry_at = time.monotonic() + onward.RETRY_INTERVAL
+        self.parked.append((time.monotonic() + onward.RETRY_FOR, flow))
 
     def retry_parked(self) -> None:
-        """Called every loop turn while flows are parked: connect those whose tuple freed."""
+        """Once per RETRY_INTERVAL while flows are parked: those whose tuple freed go on,
+        those past their deadline are reset."""
         now = time.monotonic()
         waiting = []
-        for item in self.parked:
-            deadline, client, client_addr, client_port, dest_addr, dest_port, route, function = item
-            try:
-                server = onward.connect(client_addr, client_port, dest_addr, dest_port,
-                                             route.onward)
-            except TupleBusy:
-                if now < deadline:
-                    waiting.append(item)
-                    continue
-                error = "its previous connection on this tuple did not close in time"
-            except OSError as exc:
-                error = str(exc)
-            else:
+        for deadline, flow in self.parked:
+            if self.go_onward(flow):
                 self.stats.add("onward_waited")
-                self.start_relay(client, server, client_addr, client_port, dest_addr, dest_port,
-                                 route, function)
-                continue
-            self.stats.add("onward_failed")
-            self.rlog.warning("onward_failed", "reset %s:%d: onward connection failed: %s",
-                              address_text(client_addr), client_port, error)
-            reset_and_close(client)
+            elif now < deadline:
+                waiting.append((deadline, flow))
+            else:
+                self.give_up(flow.client, flow.client_addr, flow.client_port,
+                             OSError(errno.EADDRNOTAVAIL, "its previous connection on this "
+                                     "tuple did not close in time"))
         self.parked = waiting
+        self.retry_at = now + onward.RETRY_INTERVAL
 
     # -- modules and the master's requests -------------------------------------------
     def load_module(self, path: str, slots: dict[str, int]) -> vfmodules.LoadedModule:
