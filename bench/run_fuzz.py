@@ -19,6 +19,7 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv6Address
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -127,17 +128,13 @@ def main(argv=None):
             print(f"   {results['control']}", flush=True)
             print(f"== {args.syns} SYNs with malformed SRHs at {args.syn_rate:.0f}/s, "
                   "a legitimate client probing meanwhile", flush=True)
-            import threading
-
-            during = {}
             seconds = args.syns / args.syn_rate
-            prober = threading.Thread(target=lambda: during.update(probe(
-                tb.hosts["c"], tb.hosts["s"].addr, 80, "/1k", max(10, int(seconds * 10)), 0.1,
-                srh).summary()), daemon=True)
-            prober.start()
-            with spoofed_routes(tb):
-                results["syns"] = fuzz_syns(tb, identity, args.syns, args.syn_rate, args.seed)
-            prober.join(seconds + 30)
+            with spoofed_routes(tb), ThreadPoolExecutor(1) as pool:
+                sending = pool.submit(fuzz_syns, tb, identity, args.syns, args.syn_rate,
+                                      args.seed)
+                during = probe(tb.hosts["c"], tb.hosts["s"].addr, 80, "/1k",
+                               max(10, int(seconds * 10)), 0.1, srh).summary()
+                results["syns"] = sending.result()
             results["legitimate_during_syns"] = during
             print(f"   {results['syns']}\n   legitimate client: {during}", flush=True)
             time.sleep(2)

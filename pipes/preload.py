@@ -25,6 +25,7 @@ resolver and raw system calls (Go binaries) are not steered: use ``pipesctl rout
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from . import client
+from . import __version__, client
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "srv6pipes_preload.so")
 URL_HOST = re.compile(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:?#\[\]]+)", re.IGNORECASE)
@@ -53,8 +54,6 @@ def hosts_in(command: Sequence[str]) -> list[str]:
 
 
 def _is_address(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -88,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Run a program with its TCP connections steered through SRv6Pipes "
                     "functions (LD_PRELOAD; no root, no route).",
         epilog="Example: pipes-run --via encrypt,decrypt -- curl http://www.campus.lab/")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--via", required=True, metavar="F1[,F2...]",
                         help="the functions, comma-separated, in travel order")
     parser.add_argument("--to", action="append", default=[], metavar="NAME",
@@ -154,15 +153,6 @@ def _supervise(child, routes, names, functions, controller, answers, path_mtu) -
             wait = MIN_REFRESH
         refresh_at = time.monotonic() + wait
     return 128 - code if code < 0 else code
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return f"pipes-run (srv6pipes) {version('srv6pipes')}"
-    except Exception:  # noqa: BLE001 - metadata missing in a bare checkout
-        return "pipes-run (srv6pipes)"
 
 
 if __name__ == "__main__":

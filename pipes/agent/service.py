@@ -50,11 +50,11 @@ from .. import logsetup
 from ..ratelimit import RateLimitedLogger
 from ..system import STATE_DIR
 from ..srhhmac import HmacError, HmacKeyring
+from .. import __version__
 from .kernel import BindingKernel, KernelError
 
 log = logging.getLogger("srv6pipes.agent")
 
-__version__ = "0.1.0"
 EXPIRY_INTERVAL = 1.0          # seconds between expiry checks
 READ_TIMEOUT = 5.0             # a connection must deliver its frame within this
 

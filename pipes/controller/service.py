@@ -47,6 +47,7 @@ import dns.rrset
 
 from .. import logsetup
 from ..ratelimit import RateLimitedLogger
+from .. import __version__
 from . import dnsquery, messages, model, pathcomp, policy
 from .agentlink import AgentError, AgentLink
 from .bindings import BindingEntry, BindingKey, BindingTable, BlockExhausted
@@ -56,7 +57,6 @@ from .statsocket import read_stats, start_stats_socket, unlink_socket
 
 log = logging.getLogger("srv6pipes.controller")
 
-__version__ = "0.1.0"
 EXPIRY_INTERVAL = 1.0
 FIRST_PROBE_WAIT = 5.0
 FAILOVER_HISTORY = 20
