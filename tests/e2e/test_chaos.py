@@ -412,6 +412,9 @@ def test_a_spoofed_syn_flood_leaves_legitimate_clients_in(line, tmp_path):
         assert stats["kernel"]["syncookies_sent"] > 1000, stats["kernel"]   # it did flood
         assert result.success_ratio >= 0.95, result.summary()
         assert stats["kernel"]["syncookies_failed"] == 0
+        # Cookie connections reached pipesd's listener (the tc program) and were relayed.
+        assert stats["kernel"]["syncookies_recv"] >= 1
+        assert stats["totals"]["worker"]["table_hits"] >= result.successes
     finally:
         proxy.stop()
         server.stop()
