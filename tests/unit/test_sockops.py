@@ -15,12 +15,12 @@ import pytest
 
 from srv6pipes import _sockops
 from srv6pipes.srh import SRH
+from srv6pipes.system import IPV6_RTHDR
 
 from tests.support.loopback import free_port, open_descriptors
 
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
 TCP_SAVE_SYN = 27
-IPV6_RTHDR = 57
 TIMEOUT = 5.0
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
