@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Shared-memory SRH table: SYN capture (one writer) -> workers (lock-free readers).
+"""Shared-memory SRH table: SYN captures (writers) -> workers (lock-free readers).
 
 The capture process inserts, for every intercepted SYN that carries an SRH, the SRH bytes and
 the SYN's original segments-left under the key the worker will see after accept():
@@ -15,7 +15,7 @@ Layout (C structs and offsets in cext/srhtable_impl.h)::
        16  u32 nslots (power of 2)  20 u32 slot_size (64)   24 u32 srh_max (1024)
        28  u32 probe (8)            32 u32 ttl_ms          36 u32 state (0 live, 1 retired)
        40  u64 hash_seed            48 u64 total_size       56 u32 writer_pid
-       64  u64 counters[16], written by the writer only; names and order: COUNTERS
+       64  u64 counters[16], atomic additions by the writers; names and order: COUNTERS
     entries, nslots x 64 bytes, at offset 256
         0  u32 seq (seqlock: odd while being written)
         4  u16 srh_len              6 u8 orig_segments_left
@@ -30,8 +30,10 @@ lookup() stops at a never-used slot (insert would have placed the key there or b
 
 Readers write nothing to the segment: attach() maps it read-only, and a process that
 inherited the writer's mapping over fork (pipesd's workers) only calls lookup(). They count
-their own retries (`lookup_retries`, `lookup_busy`) in the SrhTable object. Exactly one
-process may insert (the capture process): two writers on one table would corrupt slots.
+their own retries (`lookup_retries`, `lookup_busy`) in the SrhTable object. The capture
+processes (one per CPU) insert concurrently: a writer claims the slot it chose with a
+compare-and-swap on the slot's sequence and chooses again if another writer got there
+first (cext/srhtable_impl.h), and the counters are atomic additions.
 When create() replaces a table, it marks the old one retired; attach()ed readers of the old
 one move to the new one on their next lookup (`reattaches`).
 """
@@ -102,7 +104,10 @@ cdef extern from "srhtable_impl.h" nogil:
     void srht_store_release_u64(uint64_t *p, uint64_t v)
     void srht_store_relaxed_u64(uint64_t *p, uint64_t v)
     void srht_counter_add(uint64_t *p, uint64_t n)
-    void srht_write_slot(srht_entry *e, uint8_t *srh_area, const srht_key *key,
+    void srht_cpu_relax()
+    uint32_t srht_write_seen(const srht_entry *e)
+    int srht_write_claim(srht_entry *e, uint32_t seen)
+    void srht_write_slot(srht_entry *e, uint32_t seen, uint8_t *srh_area, const srht_key *key,
                          uint8_t orig_segments_left, const uint8_t *srh, uint16_t srh_len,
                          uint64_t now_ms)
     int srht_read_slot(const srht_entry *e, const uint8_t *srh_area, const srht_key *key,
@@ -449,41 +454,53 @@ cdef class SrhTable:
                       uint16_t srh_len) noexcept nogil:
         cdef uint64_t now = srht_now_ms()
         cdef uint32_t base = <uint32_t>(srht_hash(key, self.seed) & self.mask)
-        cdef uint32_t i, idx
-        cdef long target = -1, free = -1, oldest = -1
-        cdef uint64_t oldest_at = 0xFFFFFFFFFFFFFFFF
-        cdef uint64_t at
-        cdef bint live
+        cdef uint32_t i, idx, seen, target_seen = 0
+        cdef long target, free, oldest
+        cdef uint64_t oldest_at, at
+        cdef bint refreshed, evicted
         cdef srht_entry *e
-        # The writer is the only one changing slots: plain reads of its own data are exact.
-        for i in range(<uint32_t>SRHT_PROBE):
-            idx = (base + i) & self.mask
-            e = &self.entries[idx]
-            at = e.inserted_at_ms
-            if at == 0:
-                if free < 0:
-                    free = idx
-                break  # never used: the key cannot be further on
-            if memcmp(srht_entry_key(e), key, sizeof(srht_key)) == 0:
-                target = idx
+        cdef uint32_t seqs[SRHT_PROBE]
+        while True:
+            # Choose a slot. Other writers may change slots meanwhile: what is read here is
+            # only a choice, made safe by the claim below (its sequence must not have moved).
+            target = free = oldest = -1
+            oldest_at = 0xFFFFFFFFFFFFFFFF
+            for i in range(<uint32_t>SRHT_PROBE):
+                idx = (base + i) & self.mask
+                e = &self.entries[idx]
+                seqs[i] = srht_write_seen(e)
+                at = srht_load_relaxed_u64(&e.inserted_at_ms)
+                if at == 0:
+                    if free < 0:
+                        free = idx
+                    break  # never used: the key cannot be further on
+                if memcmp(srht_entry_key(e), key, sizeof(srht_key)) == 0:
+                    target = idx
+                    break
+                if now - at >= self.ttl:
+                    if free < 0:
+                        free = idx
+                elif at < oldest_at:
+                    oldest_at = at
+                    oldest = idx
+            refreshed = evicted = False
+            if target >= 0:
+                refreshed = now - srht_load_relaxed_u64(&self.entries[target].inserted_at_ms) < self.ttl
+            elif free >= 0:
+                target = free
+            else:
+                target = oldest
+                evicted = True
+            target_seen = seqs[(<uint32_t>target - base) & self.mask]
+            if srht_write_claim(&self.entries[target], target_seen):
                 break
-            if now - at >= self.ttl:
-                if free < 0:
-                    free = idx
-            elif at < oldest_at:
-                oldest_at = at
-                oldest = idx
-        if target >= 0:
-            at = self.entries[target].inserted_at_ms
-            if now - at < self.ttl:
-                srht_counter_add(&self.hdr.counters[1], 1)
-        elif free >= 0:
-            target = free
-        else:
-            target = oldest
+            srht_cpu_relax()  # another capture wrote or is writing that slot: choose again
+        if refreshed:
+            srht_counter_add(&self.hdr.counters[1], 1)
+        elif evicted:
             srht_counter_add(&self.hdr.counters[2], 1)
-        srht_write_slot(&self.entries[target], self.srh_area + <size_t>target * SRHT_SRH_MAX,
-                        key, sl, srh, srh_len, now)
+        srht_write_slot(&self.entries[target], target_seen,
+                        self.srh_area + <size_t>target * SRHT_SRH_MAX, key, sl, srh, srh_len, now)
         srht_counter_add(&self.hdr.counters[0], 1)
 
     def set_hmac(self, keys, bint require):

@@ -15,12 +15,16 @@
  * kept apart so that a probe window (8 consecutive slots) is 512 contiguous bytes: a
  * lookup touches one or two cache-line runs, plus the one SRH it returns.
  *
- * Seqlock (one writer, any number of readers, H.-J. Boehm, "Can seqlocks get along with
- * programming language memory models?", MSPC 2012, figure 6):
- *   writer: seq = s + 1 (odd, relaxed); release fence; write the slot; seq = s + 2 (release)
+ * Seqlock (any number of readers, H.-J. Boehm, "Can seqlocks get along with programming
+ * language memory models?", MSPC 2012, figure 6), with writers that claim a slot first:
+ *   writer: s = seq when the slot was chosen (even); claim: CAS seq s -> s + 1 (odd), which
+ *           fails if any other writer wrote or is writing the slot since it was chosen (the
+ *           writer then chooses again); write the slot; seq = s + 2 (release)
  *   reader: s1 = seq (acquire); if odd, retry; copy the slot; acquire fence;
  *           s2 = seq (relaxed); the copy is consistent iff s1 == s2.
- * A torn copy is thrown away, so the reader clamps lengths before using them.
+ * A torn copy is thrown away, so the reader clamps lengths before using them. Several
+ * writers (one capture process per CPU) may insert at once: the claim keeps any two of
+ * them from writing one slot, and the counters are atomic additions.
  */
 #ifndef SRV6PIPES_SRHTABLE_IMPL_H
 #define SRV6PIPES_SRHTABLE_IMPL_H
@@ -57,7 +61,7 @@ struct srht_header {
     uint64_t total_size;     /*  48: bytes of the whole segment */
     uint32_t writer_pid;     /*  56 */
     uint32_t reserved0;      /*  60 */
-    /* 64: writer counters, one writer, relaxed atomic stores; see COUNTERS in srhtable.pyx */
+    /* 64: writer counters, relaxed atomic additions; see COUNTERS in srhtable.pyx */
     uint64_t counters[SRHT_NCOUNTERS];
     uint8_t reserved1[SRHT_HEADER_SIZE - 64 - 8 * SRHT_NCOUNTERS];
 };
@@ -136,11 +140,11 @@ static inline uint64_t srht_load_relaxed_u64(const uint64_t *p) { return __atomi
 static inline void srht_store_release_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline void srht_store_relaxed_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
-/* Only the writer changes counters, so load + store (no read-modify-write); relaxed atomics
- * keep a concurrent reader from seeing a torn value. */
+/* Writers (capture processes, one per CPU) count concurrently: an atomic addition, relaxed
+ * (a counter orders nothing). */
 static inline void srht_counter_add(uint64_t *p, uint64_t n)
 {
-    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+    __atomic_fetch_add(p, n, __ATOMIC_RELAXED);
 }
 
 static inline void srht_cpu_relax(void)
@@ -154,32 +158,41 @@ static inline void srht_cpu_relax(void)
 
 /* ---- seqlock ---------------------------------------------------------------------- */
 
-/* Writer: mark slot e as being written. Returns the (odd) sequence to pass to end. */
-static inline uint32_t srht_write_begin(struct srht_entry *e)
+/* Writer: the slot's sequence when the writer looks at it, to claim the slot with later
+ * (acquire: the writer's reads of the slot come after it). */
+static inline uint32_t srht_write_seen(const struct srht_entry *e)
 {
-    uint32_t s = __atomic_load_n(&e->seq, __ATOMIC_RELAXED) | 1u; /* odd: writing */
-    __atomic_store_n(&e->seq, s, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_RELEASE); /* the odd seq is visible before any data store */
-    return s;
+    return __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
 }
 
-static inline void srht_write_end(struct srht_entry *e, uint32_t s)
+/* Writer: claim slot e, unchanged since srht_write_seen returned `seen`, for writing.
+ * Returns 1 and makes seq odd (readers retry) if no writer wrote or is writing it since; 0
+ * if one did (or `seen` was odd): the caller chooses its slot again. The acquire-release
+ * exchange orders the writer's earlier reads of the slot before the claim and its later
+ * writes after it. */
+static inline int srht_write_claim(struct srht_entry *e, uint32_t seen)
 {
-    __atomic_store_n(&e->seq, s + 1u, __ATOMIC_RELEASE); /* even: the data stores happen before */
+    if (seen & 1u)
+        return 0;
+    if (!__atomic_compare_exchange_n(&e->seq, &seen, seen + 1u, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* as in Boehm's writer: odd seq before any data */
+    return 1;
 }
 
-/* Writes one slot. srh_len <= SRHT_SRH_MAX, checked by the caller. */
-static inline void srht_write_slot(struct srht_entry *e, uint8_t *srh_area,
+/* Writes one claimed slot (srht_write_claim(e, seen) returned 1) and releases it.
+ * srh_len <= SRHT_SRH_MAX, checked by the caller. */
+static inline void srht_write_slot(struct srht_entry *e, uint32_t seen, uint8_t *srh_area,
                                    const struct srht_key *key, uint8_t orig_segments_left,
                                    const uint8_t *srh, uint16_t srh_len, uint64_t now_ms)
 {
-    uint32_t s = srht_write_begin(e);
     memcpy(e->client_addr, key, SRHT_KEY_SIZE);
     e->orig_segments_left = orig_segments_left;
     e->srh_len = srh_len;
-    e->inserted_at_ms = now_ms;
+    __atomic_store_n(&e->inserted_at_ms, now_ms, __ATOMIC_RELAXED); /* writers scan it racily */
     memcpy(srh_area, srh, srh_len);
-    srht_write_end(e, s);
+    __atomic_store_n(&e->seq, seen + 2u, __ATOMIC_RELEASE); /* even: the data stores happen before */
 }
 
 /* Reader: a consistent copy of slot e's metadata into *out and, when the key matches, of its

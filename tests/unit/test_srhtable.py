@@ -450,6 +450,65 @@ def test_concurrent_reader_never_sees_a_torn_entry(name):
     assert reader["hits"] > 1000 and inserts > 1000, (reader, inserts)
 
 
+def shared_stress_writer(table, indexes, stop, started):
+    """One of several captures writing one table (inherited over fork, as pipesd's captures
+    do): its own keys, ever-growing self-checking values, each read back at once (where a
+    slot two writers took at the same time would show torn). Returns (inserts, errors)."""
+    started.wait(10)
+    counter = 0
+    errors = []
+    deadline = time.monotonic() + STRESS_SECONDS
+    while not stop.is_set() and time.monotonic() < deadline and len(errors) < 5:
+        for index in indexes:
+            counter += 1
+            table.insert(*key(index), *stress_value(index, counter))
+            entry = table.lookup(*key(index))  # None: another writer evicted it since
+            if entry is not None and isinstance(check_stress_value(index, entry), str):
+                errors.append(check_stress_value(index, entry))
+    return counter, errors
+
+
+def test_concurrent_writers_never_tear_a_slot(name):
+    """Two captures insert into one small table at once, one per CPU (each its own keys,
+    so every slot is fought over): no entry ever reads back torn, every insert is counted,
+    and what the table holds at the end is consistent."""
+    ctx = fork_context()
+    table = SrhTable.create(name, STRESS_SLOTS)
+    stop, started = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    halves = (range(0, KEYS, 2), range(1, KEYS, 2))
+
+    def child(indexes):
+        try:
+            results.put(shared_stress_writer(table, indexes, stop, started))
+        except BaseException as exc:  # noqa: BLE001
+            stop.set()
+            results.put(repr(exc))
+
+    processes = [ctx.Process(target=child, args=(half,)) for half in halves]
+    for process in processes:
+        process.start()
+    started.set()
+    try:
+        writers = [results.get(timeout=STRESS_SECONDS + 30) for _ in processes]
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert all(isinstance(result, tuple) for result in writers), writers
+    assert [errors for _, errors in writers] == [[], []]
+    writes = [count for count, _ in writers]
+    assert min(writes) > 1000, writes
+    assert table.counters()["inserts"] == sum(writes)
+    for index in range(KEYS):
+        entry = table.lookup(*key(index))
+        assert entry is None or isinstance(check_stress_value(index, entry), int)
+    table.close()
+
+
 # -- models ---------------------------------------------------------------------------
 ADDRESSES = [ipaddress.IPv6Address(f"fc00::{i}").packed for i in (1, 2, 3)]
 keys_strategy = st.tuples(st.sampled_from(ADDRESSES), st.integers(0, 65535),
