@@ -16,10 +16,15 @@ larger than the table's slots), ``no_srh``, ``malformed``, ``not_syn``, ``hmac_r
 (dropped: ``--require-hmac`` and no valid HMAC, or a wrong one) and ``errors``. ``stacked``
 also counts the SYNs whose binding SRH was flattened into the client's (srhstack.py).
 
-Process shape: the master forks and calls :func:`run_capture_process` (table created by
-the master) or :func:`capture_main` (the capture process creates the table). Both name
-the process, ask for SIGTERM when the master dies, drop every capability but
-CAP_NET_ADMIN (needed to send verdicts) and stop promptly on SIGTERM/SIGINT.
+Process shape: the master forks one capture per worker CPU (``--captures``), each pinned
+to its CPU and bound to its own queue: the kernel's CPU fan-out puts a SYN in the queue of
+the CPU that received it (:func:`capture_placement`), so the SYN's verdict, its TCP
+processing and its SYN-ACK stay on that CPU, and no capture waits for another. They all
+write the one table (concurrent writers: cext/srhtable_impl.h). The master calls
+:func:`run_capture_process` (table created by the master); :func:`capture_main` creates
+the table itself. Both name the process, ask for SIGTERM when the master dies, drop every
+capability but CAP_NET_ADMIN (needed to send verdicts) and stop promptly on
+SIGTERM/SIGINT.
 ``python -m srv6pipes.capture NAME QUEUE`` runs it in the foreground (tests, debugging).
 """
 from __future__ import annotations
@@ -317,12 +322,30 @@ def _drain(fd: int) -> None:
 
 
 # -- the process -----------------------------------------------------------------------
+def capture_placement(cpus: list[int], count: int) -> list[tuple[int, int]]:
+    """(CPU, queue offset) of each of `count` captures, given the CPUs pipesd may use.
+
+    Capture i runs where worker i does (cpus[i modulo their number]). The kernel's CPU
+    fan-out (``--queue-cpu-fanout``, nft ``fanout``) queues a SYN received on CPU c to
+    offset c modulo count, so capture i reads offset cpus[i] modulo count: its SYNs then
+    arrive on its own CPU. When two captures' CPUs give the same offset (an affinity such
+    as {0, 2} with two captures), the offsets are 0 .. count-1 in order instead: every
+    queue is still read, without that locality."""
+    placed = [cpus[index % len(cpus)] for index in range(count)]
+    offsets = [cpu % count for cpu in placed]
+    if len(set(offsets)) != count:
+        offsets = list(range(count))
+    return list(zip(placed, offsets))
+
+
 def run_capture_process(name: str, queue_num: int, table, return_routes=None,
-                        hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> None:
+                        hmac_keyring: Optional[str] = None, require_hmac: bool = False,
+                        index: int = 0, cpu: Optional[int] = None) -> None:
     """Post-fork entry point used by the master (which created `table`). Never returns.
-    hmac_keyring is the path of the SRH HMAC key file (read here, at every start)."""
+    hmac_keyring is the path of the SRH HMAC key file (read here, at every start); the
+    process is pinned to `cpu` (None: not pinned)."""
     code = _process_body(name, queue_num, lambda: table, return_routes, hmac_keyring,
-                         require_hmac)
+                         require_hmac, index, cpu)
     _exit(code)
 
 
@@ -336,7 +359,8 @@ def capture_main(name: str, queue_num: int, nslots: int = _srhtable.DEFAULT_SLOT
 
 
 def _process_body(name: str, queue_num: int, open_table: Callable, return_routes=None,
-                  hmac_keyring: Optional[str] = None, require_hmac: bool = False) -> int:
+                  hmac_keyring: Optional[str] = None, require_hmac: bool = False,
+                  index: int = 0, cpu: Optional[int] = None) -> int:
     parent = os.getppid()
     stop = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -345,7 +369,9 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
         stop.append(signum)
 
     try:
-        _name_process(name, parent)
+        _name_process(name, index, parent)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, handle_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -358,36 +384,36 @@ def _process_body(name: str, queue_num: int, open_table: Callable, return_routes
         capture.bind()
         _drop_capabilities()
     except Exception as exc:  # noqa: BLE001 - every boot failure is reported the same way
-        log.error("capture [%s] failed to start: %s", name, exc)
+        log.error("capture %d [%s] failed to start: %s", index, name, exc)
         return EXIT_BOOT_FAILED
-    log.info("capture [%s] (pid %d): NFQUEUE %d -> SRH table %s", name, os.getpid(),
-             queue_num, table.segment)
+    log.info("capture %d [%s] (pid %d, CPU %s): NFQUEUE %d -> SRH table %s", index, name,
+             os.getpid(), "any" if cpu is None else cpu, queue_num, table.segment)
     try:
         capture.serve(lambda: bool(stop), wake_r)
     except Exception:  # noqa: BLE001
-        log.exception("capture [%s] crashed", name)
+        log.exception("capture %d [%s] crashed", index, name)
         return EXIT_CRASHED
     finally:
         capture.close()
         signal.set_wakeup_fd(-1)
         os.close(wake_r)
         os.close(wake_w)
-    counters = table.counters()
-    log.info("capture [%s] stopped: %s", name,
+    counters = table.counters()   # of the table: every capture's together
+    log.info("capture %d [%s] stopped; table counters: %s", index, name,
              ", ".join(f"{key} {counters[key]}" for key in
                        ("syn_seen", "inserts", "no_srh", "malformed", "rejected",
                         "hmac_refused")))
     return 0
 
 
-def _name_process(name: str, parent: int) -> None:
+def _name_process(name: str, index: int, parent: int) -> None:
     try:
         import prctl
     except ImportError:  # pragma: no cover - python-prctl is a dependency
         log.warning("python-prctl missing: no process name, no parent-death signal")
         return
-    prctl.set_name("pipesd capture")  # 15 characters: the kernel's limit
-    prctl.set_proctitle(f"pipesd: capture [{name}]")
+    prctl.set_name(f"pipesd cap{index}")  # 15 characters: the kernel's limit
+    prctl.set_proctitle(f"pipesd: capture {index} [{name}]")
     prctl.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before pdeathsig was armed
         raise CaptureError("parent process exited during start-up")

@@ -183,7 +183,11 @@ SETTINGS: tuple[Setting, ...] = (
             _int_range(addressplan.MIN_PARAM_BITS, addressplan.MAX_PARAM_BITS),
             "low-order bits that carry the function's parameters", "BITS"),
     Setting("queue_num", "--queue-num", 0, _int_range(*kernel_range("queue_num")),
-            "NFQUEUE number the SYN capture reads", "Q"),
+            "NFQUEUE number the SYN capture reads; with N captures, queues Q to Q+N-1", "Q"),
+    Setting("captures", "--captures", 0, _int_range(0, MAX_WORKERS),
+            "SYN capture processes, each pinned to a worker's CPU and reading its own "
+            "queue, which the kernel picks by the CPU that received the SYN (0: one per "
+            "worker CPU)", "N"),
     Setting("fwmark", "--fwmark", 1, _int_range(*kernel_range("fwmark")),
             "firewall mark that sends intercepted packets to the local table", "MARK"),
     Setting("route_table", "--route-table", 100,
@@ -267,6 +271,7 @@ class Config:
     function_bits: int
     param_bits: int
     queue_num: int
+    captures: int        # resolved: 1 or more (0 on the command line: one per worker CPU)
     fwmark: int
     route_table: int
     rule_priority: int
@@ -366,6 +371,12 @@ def build_config(cli_values: dict[str, Any]) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{where[setting.name]}: {exc}") from None
     values.setdefault("control", system.control_socket(values["name"]))
+    if values["captures"] == 0:
+        values["captures"] = min(values["workers"], len(os.sched_getaffinity(0)))
+    last_queue = values["queue_num"] + values["captures"] - 1
+    if last_queue > kernel_range("queue_num")[1]:
+        raise ConfigError(f"{where['queue_num']}, {where['captures']}: queues "
+                          f"{values['queue_num']}-{last_queue} end past 65535")
     try:
         addressplan.AddressPlan(values["locator"], values["function_bits"], values["param_bits"])
     except addressplan.AddressError as exc:

@@ -95,6 +95,9 @@ class KernelConfig:
     locator: ipaddress.IPv6Network
     port: int
     queue_num: int = 0
+    # Queues queue_num .. queue_num + queue_count - 1, one per capture process; with more
+    # than one the kernel picks a SYN's queue by the CPU that received it (CPU fan-out).
+    queue_count: int = 1
     fwmark: int = 1
     table: int = 100
     rule_priority: int = 100
@@ -115,6 +118,14 @@ class KernelConfig:
                 raise ValueError(f"{field}={value!r}: must be an integer in [{low}, {high}]")
         if self.table in RESERVED_TABLES:
             raise ValueError(f"table={self.table}: 253-255 are the kernel's default/main/local")
+        if not isinstance(self.queue_count, int) or self.queue_count < 1 \
+                or self.queue_num + self.queue_count - 1 > KERNEL_RANGES["queue_num"][1]:
+            raise ValueError(f"queue_count={self.queue_count!r}: queues {self.queue_num} and "
+                             f"on must end at {KERNEL_RANGES['queue_num'][1]}")
+
+    @property
+    def last_queue(self) -> int:
+        return self.queue_num + self.queue_count - 1
 
     @property
     def nft_table(self) -> str:
@@ -181,7 +192,10 @@ def render_ruleset(cfg: KernelConfig, backend: str) -> str:
         "LOCATOR": str(cfg.locator),
         "PORT": str(cfg.port),
         "MARK": hex(cfg.fwmark),
-        "QUEUE_NUM": str(cfg.queue_num),
+        # nft `queue`: one queue, or a range spread by receiving CPU (fanout).
+        "QUEUE_FLAGS": "bypass" if cfg.queue_count == 1 else "bypass,fanout",
+        "QUEUES": (str(cfg.queue_num) if cfg.queue_count == 1
+                   else f"{cfg.queue_num}-{cfg.last_queue}"),
     }
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
@@ -193,10 +207,15 @@ def render_ruleset(cfg: KernelConfig, backend: str) -> str:
 
 def _ip6tables_rules(cfg: KernelConfig) -> list[list[str]]:
     """The NFQUEUE rule specs after ``-A``/``-D`` (chain included): every SYN to the
-    locator."""
+    locator, to one queue or, with several captures, to the queue of the CPU that received
+    it (``--queue-cpu-fanout``: queue_num + CPU number modulo the queue count)."""
+    if cfg.queue_count == 1:
+        target = ["--queue-num", str(cfg.queue_num)]
+    else:
+        target = ["--queue-balance", f"{cfg.queue_num}:{cfg.last_queue}", "--queue-cpu-fanout"]
     return [["PREROUTING", "-d", str(cfg.locator), "-p", "tcp", "--syn",
              "-m", "comment", "--comment", cfg.comment,
-             "-j", "NFQUEUE", "--queue-num", str(cfg.queue_num), "--queue-bypass"]]
+             "-j", "NFQUEUE", *target, "--queue-bypass"]]
 
 
 def _ip6tables_argv(action: str, spec: list[str], table: str = IP6TABLES_TABLE) -> list[str]:

@@ -5,7 +5,7 @@ Start-up order (reverse on exit):
      predecessor's leftovers, so a restart after `kill -9` starts clean);
   2. shared memory: the SRH table and the stats block (stale segments are replaced);
   3. the control socket (control.py, answered by commands.py) and --modules (admission.py);
-  4. the capture process, one worker per CPU and, with --metrics-listen, the metrics
+  4. one capture and one worker per CPU and, with --metrics-listen, the metrics
      server (metrics.py), forked.
 
 Everything the master waits for goes through one event loop (eventloop.py): signals (their
@@ -53,7 +53,8 @@ READY = "ready"            # the event a worker sends once it listens
 
 def kernel_config(config: Config) -> "kernelsetup.KernelConfig":
     return kernelsetup.KernelConfig(name=config.name, locator=config.locator, port=config.port,
-                                    queue_num=config.queue_num, fwmark=config.fwmark,
+                                    queue_num=config.queue_num,
+                                    queue_count=config.captures, fwmark=config.fwmark,
                                     table=config.route_table, rule_priority=config.rule_priority,
                                     intercept_cookies=config.syn_cookies == "intercept",
                                     kernel_hmac_off=bool(config.hmac_keyring))
@@ -69,7 +70,7 @@ def _cookie_state(cookie_state: Optional[dict]) -> str:
 @dataclasses.dataclass
 class Child:
     kind: str            # "worker", "capture" or "metrics"
-    index: int           # worker index (CPU slot); 0 for the capture
+    index: int           # worker or capture index (CPU slot); 0 for the metrics child
     region: int          # stats region (workers)
     generation: int
     started: float
@@ -116,7 +117,8 @@ class Master:
         self.loop.watch(self.wake_r, READ, self.drain_wakeups)
         try:
             self.setup()
-            self.spawn_capture()
+            for index in range(self.config.captures):
+                self.spawn_capture(index)
             self.spawn_generation()
             log.info("pipesd %s: %d workers on [%s]:%d, locator %s", self.config.name,
                      self.config.workers, "::", self.config.port, self.config.locator)
@@ -315,7 +317,7 @@ class Master:
             return "--function-bits cannot change while modules are loaded"
         if new.modules != self.config.modules:
             log.warning("reload: --modules is only read at start; use pipesctl load/unload")
-        capture_settings = ("locator", "function_bits", "param_bits", "queue_num",
+        capture_settings = ("locator", "function_bits", "param_bits", "queue_num", "captures",
                             "return_mode", "hmac_keyring", "require_hmac")
         if new.return_mode != "on-path":   # its return routes (returnpath) carry the mark
             capture_settings += ("fwmark", "rule_priority")
@@ -337,7 +339,8 @@ class Master:
             # The capture reads its settings at start: replace it. The new one binds the
             # queue once the old one has let go (restart backoff, then retries).
             self.signal_children(signal.SIGTERM, kinds=("capture",))
-            self.restart_at[("capture", 0)] = time.monotonic() + RESTART_BACKOFF
+            for index in range(new.captures):
+                self.restart_at[("capture", index)] = time.monotonic() + RESTART_BACKOFF
         if metrics_changed:
             # Stopped here; respawn_missing starts it again if there is still an address.
             self.signal_children(signal.SIGTERM, kinds=("metrics",))
@@ -398,20 +401,24 @@ class Master:
         self.children[pid] = child
         return pid
 
-    def spawn_capture(self) -> None:
-        from .capture import run_capture_process
+    def spawn_capture(self, index: int) -> None:
+        """Capture `index` runs on the CPU of worker `index` and reads the queue the kernel
+        fills with the SYNs that CPU receives (capture.capture_placement)."""
+        from .capture import capture_placement, run_capture_process
 
-        child = Child("capture", 0, -1, self.generation, time.monotonic())
+        child = Child("capture", index, -1, self.generation, time.monotonic())
         config = self.config
+        cpu, queue_offset = capture_placement(sorted(os.sched_getaffinity(0)),
+                                              config.captures)[index]
         routes = None
         if config.return_mode != "on-path":
             plan = AddressPlan(config.locator, config.function_bits, config.param_bits)
             routes = returnpath.ReturnRoutes(config.name, config.fwmark,
                                              self.kernel_installed.rule_priority,
                                              config.return_mode, plan)
-        self.fork(child, lambda: run_capture_process(config.name, config.queue_num,
-                                                     self.srh_table, routes,
-                                                     config.hmac_keyring, config.require_hmac))
+        self.fork(child, lambda: run_capture_process(
+            config.name, config.queue_num + queue_offset, self.srh_table, routes,
+            config.hmac_keyring, config.require_hmac, index=index, cpu=cpu))
 
     def spawn_metrics(self) -> None:
         """--metrics-listen: a child serving Prometheus text over HTTP, each scrape one
@@ -463,8 +470,10 @@ class Master:
         running = {(c.kind, c.index) for c in self.children.values()
                    if not c.stopping and (c.kind in SERVICE_KINDS
                                           or c.generation == self.generation)}
-        if ("capture", 0) not in running and now >= self.restart_at.get(("capture", 0), 0):
-            self.spawn_capture()
+        for index in range(self.config.captures):
+            if ("capture", index) not in running \
+                    and now >= self.restart_at.get(("capture", index), 0):
+                self.spawn_capture(index)
         if self.config.metrics_listen and ("metrics", 0) not in running \
                 and now >= self.restart_at.get(("metrics", 0), 0):
             self.spawn_metrics()

@@ -391,7 +391,7 @@ def test_sigterm_stops_promptly_and_syns_bypass_the_queue(capture_proc, queued_n
     started = time.monotonic()
     assert capture_proc.stop() == 0
     assert time.monotonic() - started < 3
-    assert "stopped: syn_seen 0" in capture_proc.log()
+    assert "stopped; table counters: syn_seen 0" in capture_proc.log()
     # Nobody reads the queue now: --queue-bypass lets SYNs through, nothing is recorded.
     srh = SRH.from_path([P1, P2])
     [(peer, local)] = in_netns(queued_netns, connect_and_echo, srh.to_bytes())
@@ -404,7 +404,7 @@ def test_process_name_and_capabilities(capture_proc):
     capture_proc.wait_ready().close()
     pid = capture_proc.proc.pid  # `ip netns exec` execs python: same pid
     with open(f"/proc/{pid}/comm") as comm:
-        assert comm.read().strip() == "pipesd capture"
+        assert comm.read().strip() == "pipesd cap0"
     with open(f"/proc/{pid}/status") as status:
         fields = dict(line.split(":\t", 1) for line in status.read().splitlines() if ":\t" in line)
     # Only CAP_NET_ADMIN (bit 12) is left: nfnetlink checks it on every verdict.

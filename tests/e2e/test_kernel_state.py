@@ -205,11 +205,11 @@ def test_plan_with_nft_queue_backend():
     commands = kernelsetup.plan(cfg, backend="nft")
     assert not any(c.startswith("ip6tables") for c in commands)
     ruleset = next(c for c in commands if c.startswith("nft"))
-    assert "priority mangle - 1" in ruleset and "queue num 7 bypass" in ruleset
-    assert ruleset.index("queue num 7") < ruleset.index("tproxy")
+    assert "priority mangle - 1" in ruleset and "queue flags bypass to 7" in ruleset
+    assert ruleset.index("queue flags") < ruleset.index("tproxy")
     legacy = kernelsetup.plan(cfg, backend="ip6tables-legacy")
     ruleset = next(c for c in legacy if c.startswith("nft"))
-    assert "queue num" not in ruleset
+    assert "queue flags" not in ruleset
     assert [c for c in legacy if c.startswith("ip6tables")] == [
         "ip6tables-legacy -w 10 -t raw -A PREROUTING -d fc00:1::/80 -p tcp --syn "
         "-m comment --comment srv6pipes:st -j NFQUEUE --queue-num 7 --queue-bypass",

@@ -94,6 +94,70 @@ def test_processes_are_named_pinned_and_unprivileged(line):
         proxy.stop()
 
 
+def capture_processes(name: str) -> dict[int, int]:
+    """{capture index: pid} of pipesd instance `name`, from the process titles."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                title = handle.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        words = title.split()
+        if words[:2] == ["pipesd:", "capture"] and title.endswith(f"[{name}]"):
+            found[int(words[2])] = int(entry)
+    return found
+
+
+def queue_sequences(host) -> dict[int, int]:
+    """{queue number: packets ever queued to it} in the host's namespace."""
+    text = host.run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return {int(f[0]): int(f[7]) for f in (line.split() for line in text.splitlines())}
+
+
+def test_one_capture_per_cpu_reads_the_syns_its_cpu_receives(line):
+    """With two workers, two captures: each pinned to its worker's CPU, with only
+    CAP_NET_ADMIN, bound to its own queue; a SYN sent (so received: veth) on CPU k is
+    queued to queue k modulo 2, the queue of the capture running on CPU k."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    name = name_for("fan")
+    proxy = Pipesd(p1, tb.locator("p1"), name, workers=2, extra=("--queue-num", "4"))
+    try:
+        rules = p1.run(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).stdout
+        assert "--queue-balance 4:5" in rules and "--queue-cpu-fanout" in rules
+        captures = capture_processes(name)
+        assert sorted(captures) == [0, 1]
+        capture_cpus = {}
+        for index, pid in captures.items():
+            with open(f"/proc/{pid}/status") as handle:
+                status = dict(line.split(":\t", 1) for line in handle if ":\t" in line)
+            assert int(status["CapEff"], 16) == 1 << 12
+            capture_cpus[index] = int(status["Cpus_allowed_list"])
+        assert sorted(capture_cpus.values()) == cpus[:2]
+        assert set(queue_sequences(p1)) == {4, 5}
+        saved = os.sched_getaffinity(0)
+        try:
+            for cpu in cpus[:2]:
+                before = queue_sequences(p1)
+                os.sched_setaffinity(0, {cpu})   # this thread sends the SYN on `cpu`
+                assert roundtrip_ok(lab, tb)
+                os.sched_setaffinity(0, saved)
+                after = queue_sequences(p1)
+                grown = {q for q in after if after[q] > before[q]}
+                assert grown == {4 + cpu % 2}, (cpu, before, after)
+        finally:
+            os.sched_setaffinity(0, saved)
+        assert proxy.stats()["totals"]["worker"]["table_hits"] == 2
+    finally:
+        proxy.stop()
+
+
 def test_sighup_reload_keeps_established_flows(line, tmp_path):
     tb, lab = line
     config = tmp_path / "pipesd.toml"
@@ -325,19 +389,19 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
     tb, lab = line
     p1 = tb.hosts["p1"]
     config = tmp_path / "pipesd.toml"
-    config.write_text("queue_num = 0\n")
+    config.write_text("queue_num = 0\ncaptures = 2\n")
     name = name_for("hupk")
     before = kernel_state(p1, name)
     proxy = Pipesd(p1, tb.locator("p1"), name, extra=("--config", str(config)))
     try:
         assert roundtrip_ok(lab, tb)
-        config.write_text('queue_num = 3\nreturn_mode = "reverse"\n')
+        config.write_text('queue_num = 3\ncaptures = 2\nreturn_mode = "reverse"\n')
         proxy.proc.send_signal(signal.SIGHUP)
 
         def reloaded():
             rules = p1.run(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).stdout
             routing = p1.run(["ip", "-6", "rule"]).stdout
-            return "--queue-num 3" in rules and "lookup main" in routing
+            return "--queue-balance 3:4" in rules and "lookup main" in routing
         assert wait_for(reloaded, 10)
         hits = proxy.stats()["totals"]["worker"]["table_hits"]
         # The new capture binds queue 3 within its restart backoff; then SYNs hit the table.

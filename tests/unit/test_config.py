@@ -3,6 +3,7 @@ validated, one clear line per bad value; and the generated docs/cli.md matches."
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import subprocess
 import sys
@@ -63,9 +64,19 @@ def test_bad_value_is_one_line_naming_the_flag_and_range(flag, name, value, acce
 
 def test_values_inside_the_ranges_are_accepted():
     cfg = build(route_table="4294967295", rule_priority="32765", queue_num="65535",
-                fwmark="0xffffffff", function_bits="32", param_bits="16", workers="128")
+                captures="1", fwmark="0xffffffff", function_bits="32", param_bits="16",
+                workers="128")
     assert (cfg.route_table, cfg.rule_priority, cfg.queue_num, cfg.fwmark) == (
         4294967295, 32765, 65535, 0xFFFFFFFF)
+
+
+def test_captures_default_to_one_per_worker_cpu_and_their_queues_must_fit():
+    cpus = len(os.sched_getaffinity(0))
+    assert build(workers="1").captures == 1
+    assert build(workers="64").captures == min(64, cpus)
+    assert build(workers="64", captures="3").captures == 3
+    with pytest.raises(ConfigError, match="--queue-num, --captures: queues 65534-65536"):
+        build(queue_num="65534", captures="3")
 
 
 def test_metrics_listen_is_an_address_and_port_or_off():

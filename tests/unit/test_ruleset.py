@@ -20,7 +20,17 @@ def test_placeholders_are_filled_and_none_left():
     assert "table inet srv6pipes_t1 {" in text
     assert "ip6 daddr fc00:1::/80 tcp flags & (syn | ack) == syn tproxy ip6 to :8443" in text
     assert "meta mark | 0x40 accept" in text
-    assert "queue num 7 bypass" in text
+    assert "queue flags bypass to 7" in text
+
+
+def test_several_captures_spread_syns_by_receiving_cpu():
+    cfg = config(queue_count=2)
+    assert "queue flags bypass,fanout to 7-8" in kernelsetup.render_ruleset(cfg, "nft")
+    rule = kernelsetup._ip6tables_rules(cfg)[0]
+    assert rule[rule.index("NFQUEUE") + 1:] == [
+        "--queue-balance", "7:8", "--queue-cpu-fanout", "--queue-bypass"]
+    assert kernelsetup._ip6tables_rules(config())[0][-3:] == [
+        "--queue-num", "7", "--queue-bypass"]
 
 
 def test_the_queue_block_only_with_the_nft_backend():
@@ -41,7 +51,8 @@ def test_the_table_is_replaced_atomically():
 
 
 @pytest.mark.parametrize("bad", [dict(name="no spaces"), dict(port=0), dict(table=254),
-                                 dict(rule_priority=40000), dict(fwmark=0)])
+                                 dict(rule_priority=40000), dict(fwmark=0),
+                                 dict(queue_count=0), dict(queue_num=65535, queue_count=2)])
 def test_bad_configs_are_refused_before_rendering(bad):
     with pytest.raises(ValueError):
         config(**bad)
