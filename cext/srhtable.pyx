@@ -168,6 +168,7 @@ COUNTERS = (
     "time_wait_retired",  # capture: a proxy-side TIME_WAIT socket blocked the SYN's tuple
     "hmac_refused",  # capture: SRH HMAC missing (--require-hmac), unknown or wrong: dropped
     "stacked",       # capture: a binding's SRH stacked over the client's, flattened
+    "verdict_batches",  # capture: batch verdicts sent (each accepts one or more SYNs)
 )
 COUNTER_INDEX = {counter: index for index, counter in enumerate(COUNTERS)}
 assert len(COUNTERS) <= SRHT_NCOUNTERS

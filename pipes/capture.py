@@ -36,6 +36,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import warnings
 from typing import Callable, Optional
@@ -57,9 +58,13 @@ TCP_SYN = 0x02
 TCP_ACK = 0x10
 IPV6_HEADER_LENGTH = 40
 
-# Bytes of each packet copied to us. netfilterqueue's receive buffer caps it at 4016; a SYN's
-# headers (IPv6 40 + SRH <= 2048 + other extension headers + TCP <= 60) fit well below.
-COPY_RANGE = 4016
+# Bytes of each packet copied to us: the IPv6 header, room for two stacked SRHs (a binding's,
+# each no longer than a table slot keeps) and for other extension headers and the TCP header.
+# A SYN is shorter than that unless it carries data (TCP Fast Open), which we never read.
+COPY_RANGE = IPV6_HEADER_LENGTH + 2 * _srhtable.SRH_MAX + 256
+# Accept verdicts are sent for a run of SYNs at once (one NFQNL_MSG_VERDICT_BATCH) when the
+# queue holds several; at most this many wait for theirs.
+VERDICT_BATCH = 32
 QUEUE_MAXLEN = 4096         # SYNs the kernel holds for us before it drops (ENOBUFS)
 # SYNs the capture rejects are dropped, not passed on to the listener: a worker could only
 # reset them, and under a flood of them (garbage SRHs, SRHs not for us) each would take a
@@ -103,6 +108,7 @@ class SynCapture:
         self.rlog = RateLimitedLogger(self.log)
         self.nfq = None
         self._sock: Optional[socket.socket] = None
+        self._verdicts: Optional[_VerdictBatch] = None
 
     # -- per packet --------------------------------------------------------------------
     def handle_payload(self, payload: bytes, set_mark: Optional[Callable[[int], None]] = None) -> str:
@@ -189,20 +195,45 @@ class SynCapture:
 
     def _on_packet(self, packet) -> None:
         """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
-        the packet its verdict)."""
+        the packet its verdict). Once the queue is bound, a plain accept is deferred to the
+        batch (send_verdicts); drops and marked accepts go at once, one by one."""
         outcome = "errors"
+        marked = []
+
+        def set_mark(mark: int) -> None:
+            packet.set_mark(mark)
+            marked.append(mark)
+
         try:
-            outcome = self.handle_payload(packet.get_payload(), packet.set_mark)
+            outcome = self.handle_payload(packet.get_payload(), set_mark)
         except Exception as exc:  # noqa: BLE001
+            self.table.count("errors")
             self.rlog.error("callback", "SYN capture callback failed: %r", exc)
         finally:
             try:
                 if outcome in DROPPED:
                     packet.drop()
+                elif self._verdicts is not None and not marked:
+                    self._verdicts.defer(packet.id)
                 else:
                     packet.accept()
             except Exception as exc:  # noqa: BLE001 - verdict already given / queue gone
                 self.rlog.error("verdict", "the verdict on a queued SYN failed: %r", exc)
+
+    def send_verdicts(self) -> None:
+        """Accepts every SYN whose verdict was deferred (one message). Called when the queue
+        has nothing more to read, every VERDICT_BATCH SYNs, and before unbinding."""
+        if self._verdicts is None:
+            return
+        try:
+            if self._verdicts.send():
+                self.table.count("verdict_batches")
+        except OSError as exc:
+            # Those SYNs stay queued until the kernel drops them at unbind: count them.
+            self.table.count("errors", self._verdicts.count)
+            self.rlog.error("verdict", "a batch verdict failed (%s): %d SYNs not accepted",
+                            exc, self._verdicts.count)
+            self._verdicts.clear()
 
     # -- the queue ---------------------------------------------------------------------
     def bind(self) -> None:
@@ -236,6 +267,7 @@ class SynCapture:
         # batches (run_socket), so the stop flag is checked even under a SYN flood.
         self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
         self._sock.setblocking(False)
+        self._verdicts = _VerdictBatch(self._sock, self.queue_num, self.send_verdicts)
         try:
             self.reaper = TimeWaitReaper()
         except OSError as exc:  # no sock_diag: short connections may stall on port reuse
@@ -264,10 +296,15 @@ class SynCapture:
                     _drain(wake_fd)
                 else:
                     reader.budget = READ_BUDGET
-                    self.nfq.run_socket(reader)
+                    try:
+                        self.nfq.run_socket(reader)
+                    finally:  # the queue is empty for now (or the budget spent)
+                        self.send_verdicts()
 
     def close(self) -> None:
         """Unbinds the queue (the kernel then bypasses it: --queue-bypass). Idempotent."""
+        self.send_verdicts()
+        self._verdicts = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -278,6 +315,54 @@ class SynCapture:
             self.reaper.close()
             self.reaper = None
         self.rlog.flush()
+
+
+class _VerdictBatch:
+    """Accept verdicts owed for a run of queued SYNs, sent as one NFQNL_MSG_VERDICT_BATCH:
+    the kernel accepts every packet of the queue whose id is at most the one named (ids
+    grow in queue order; the ones dropped already have left the queue). The message, on
+    the queue's own netlink socket (the kernel takes verdicts only from its reader)::
+
+        struct nlmsghdr { u32 len; u16 type = NFNL_SUBSYS_QUEUE << 8 | VERDICT_BATCH;
+                          u16 flags = NLM_F_REQUEST; u32 seq, pid; }     host order
+        struct nfgenmsg { u8 family = AF_UNSPEC, version = 0; be16 res_id = queue; }
+        struct nlattr { u16 len = 12, type = NFQA_VERDICT_HDR; }         host order
+        struct nfqnl_msg_verdict_hdr { be32 verdict = NF_ACCEPT; be32 id; }
+    """
+
+    NFNL_SUBSYS_QUEUE = 3
+    NFQNL_MSG_VERDICT_BATCH = 3
+    NLM_F_REQUEST = 1
+    NFQA_VERDICT_HDR = 2
+    NF_ACCEPT = 1
+
+    def __init__(self, sock: socket.socket, queue_num: int, flush: Callable[[], None]):
+        self.sock = sock
+        self.flush = flush
+        self.head = struct.pack("=IHHII", 32, self.NFNL_SUBSYS_QUEUE << 8
+                                | self.NFQNL_MSG_VERDICT_BATCH, self.NLM_F_REQUEST, 0, 0) \
+            + struct.pack(">BBH", socket.AF_UNSPEC, 0, queue_num) \
+            + struct.pack("=HH", 12, self.NFQA_VERDICT_HDR)
+        self.last_id: Optional[int] = None
+        self.count = 0
+
+    def defer(self, packet_id: int) -> None:
+        self.last_id = packet_id
+        self.count += 1
+        if self.count >= VERDICT_BATCH:
+            self.flush()
+
+    def send(self) -> bool:
+        """Sends the batch; False when no verdict was owed."""
+        if self.last_id is None:
+            return False
+        self.sock.send(self.head + struct.pack(">II", self.NF_ACCEPT, self.last_id))
+        self.clear()
+        return True
+
+    def clear(self) -> None:
+        self.last_id = None
+        self.count = 0
 
 
 class _BudgetedReader:

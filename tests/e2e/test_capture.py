@@ -100,18 +100,19 @@ class FakePacket:
     def accept(self):
         self.verdicts.append("accept")
 
-    def drop(self):  # pragma: no cover - must never be called
+    def drop(self):
         self.verdicts.append("drop")
 
 
-@pytest.mark.parametrize("packet", [
-    FakePacket(syn_with_srh(SRH((SERVER, P1)))),
-    FakePacket(b"garbage"),
-    FakePacket(error=RuntimeError("payload gone")),
+@pytest.mark.parametrize("packet, verdict, counter", [
+    (FakePacket(syn_with_srh(SRH((SERVER, P1)))), "accept", "inserts"),
+    (FakePacket(b"garbage"), "drop", "malformed"),   # a worker could only reset it
+    (FakePacket(error=RuntimeError("payload gone")), "accept", "errors"),  # ours: let it go
 ])
-def test_callback_always_accepts_and_never_raises(table, packet):
+def test_callback_gives_one_verdict_and_never_raises(table, packet, verdict, counter):
     capture.SynCapture(table, 0)._on_packet(packet)
-    assert packet.verdicts == ["accept"]
+    assert packet.verdicts == [verdict]
+    assert table_counts(table).get(counter) == 1
 
 
 class VerdictChecks(FakePacket):

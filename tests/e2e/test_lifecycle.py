@@ -111,10 +111,17 @@ def capture_processes(name: str) -> dict[int, int]:
     return found
 
 
+def queue_state(host) -> list[dict]:
+    """The host namespace's NFQUEUE queues (/proc/net/netfilter/nfnetlink_queue): number,
+    packets waiting for a verdict, packets ever queued."""
+    text = host.run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return [{"queue": int(f[0]), "waiting": int(f[2]), "sequence": int(f[7])}
+            for f in (line.split() for line in text.splitlines())]
+
+
 def queue_sequences(host) -> dict[int, int]:
     """{queue number: packets ever queued to it} in the host's namespace."""
-    text = host.run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    return {int(f[0]): int(f[7]) for f in (line.split() for line in text.splitlines())}
+    return {q["queue"]: q["sequence"] for q in queue_state(host)}
 
 
 def test_one_capture_per_cpu_reads_the_syns_its_cpu_receives(line):
@@ -156,6 +163,50 @@ def test_one_capture_per_cpu_reads_the_syns_its_cpu_receives(line):
         assert proxy.stats()["totals"]["worker"]["table_hits"] == 2
     finally:
         proxy.stop()
+
+
+def test_queued_syns_are_accepted_in_batches(line):
+    """SYNs that wait in the queue together get one accept verdict per batch (at most
+    capture.VERDICT_BATCH SYNs each), and every one of them is then served."""
+    from srv6pipes.capture import VERDICT_BATCH
+
+    tb, lab = line
+    p1 = tb.hosts["p1"]
+    name = name_for("batch")
+    proxy = Pipesd(p1, tb.locator("p1"), name, workers=1)
+    sockets = []
+    count = 3 * VERDICT_BATCH
+    try:
+        [capture_pid] = capture_processes(name).values()
+        before = proxy.stats()["srh_table"]
+        os.kill(capture_pid, signal.SIGSTOP)   # the SYNs pile up in the queue meanwhile
+        try:
+            for _ in range(count):
+                sock = lab.client_socket([identity_address(tb)])
+                sock.setblocking(False)
+                sock.connect_ex((str(tb.hosts["s"].addr), ECHO_PORT))
+                sockets.append(sock)
+            assert wait_for(lambda: sum(q["waiting"] for q in queue_state(p1)) == count, 5)
+        finally:
+            os.kill(capture_pid, signal.SIGCONT)
+        assert wait_for(lambda: all(connected(sock) for sock in sockets), 10)
+        after = proxy.stats()["srh_table"]
+        assert after["syn_seen"] - before["syn_seen"] == count
+        batches = after["verdict_batches"] - before["verdict_batches"]
+        assert count // VERDICT_BATCH <= batches < count // 4, batches
+        assert wait_for(lambda: proxy.stats()["totals"]["worker"]["table_hits"] == count, 10)
+    finally:
+        for sock in sockets:
+            sock.close()
+        proxy.stop()
+
+
+def connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
 
 
 def test_sighup_reload_keeps_established_flows(line, tmp_path):
