@@ -110,9 +110,11 @@ def accept_connection(int listen_fd):
     Returns None when the accept queue is empty, else
     (fd, client address, client port, destination address, destination port): the
     addresses as 16 bytes, the ports in host order. With TPROXY the local address of the
-    accepted socket is the client's final destination. The new descriptor is non-blocking,
-    close-on-exec and has TCP_NODELAY (the relay writes what it has at once). Raises OSError
-    for any other accept error; if a step after accept fails the connection is reset.
+    accepted socket is the client's final destination. The new descriptor is non-blocking
+    and close-on-exec; its other options come from the listener, whose copy it is (on Linux
+    an accepted socket inherits TCP_NODELAY, SO_LINGER and keepalive: the worker's listener,
+    make_listener, sets them once instead of a setsockopt per connection). Raises OSError
+    for any other accept error; if getsockname fails the connection is reset.
     """
     cdef sockaddr_in6 peer, local
     cdef socklen_t peer_len = sizeof(peer), local_len = sizeof(local)
@@ -129,12 +131,8 @@ def accept_connection(int listen_fd):
     if peer.sin6_family != AF_INET6:
         close(fd)
         raise ValueError(f"descriptor {listen_fd} is not an IPv6 listener")
-    err = 0
     if getsockname(fd, <sockaddr *>&local, &local_len) < 0:
         err = errno
-    else:
-        err = set_flag(fd, IPPROTO_TCP, TCP_NODELAY)
-    if err:
         close_with_reset(fd)
         raise_errno(err)
     return (fd, PyBytes_FromStringAndSize(<char *>&peer.sin6_addr, 16), ntohs(peer.sin6_port),

@@ -74,12 +74,15 @@ class Rejected(Exception):
 def make_listener(port: int, keepalive: tuple[int, int, int] = (0, 10, 6)) -> socket.socket:
     """The worker's own transparent listener; SO_REUSEPORT gives each worker its queue.
     Accepted sockets inherit its SO_LINGER {1, 0} (a worker that dies resets its flows
-    instead of ending them with a FIN that looks like a complete transfer) and keepalive."""
+    instead of ending them with a FIN that looks like a complete transfer), keepalive and
+    TCP_NODELAY (the relay writes what it has at once): set here once, not per connection
+    (accept_connection sets no option)."""
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         idle, interval, count = keepalive
         if idle:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

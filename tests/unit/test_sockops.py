@@ -27,10 +27,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="IPV6_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW")
 
 
-def listener(host="::1", save_syn=False) -> socket.socket:
+def listener(host="::1", save_syn=False, nodelay=False) -> socket.socket:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     if save_syn:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, 0))
     sock.listen(8)
     sock.setblocking(False)
@@ -70,7 +72,7 @@ def test_accept_raises_oserror_for_a_descriptor_that_does_not_listen():
 
 
 def test_accept_gives_binary_addresses_host_order_ports_and_a_ready_descriptor():
-    with closing(listener()) as listen, closing(socket.create_connection(
+    with closing(listener(nodelay=True)) as listen, closing(socket.create_connection(
             ("::1", listen.getsockname()[1]))) as client:
         fd, client_addr, client_port, dest_addr, dest_port = accept_when_ready(listen)
         with closing(socket.socket(fileno=fd)) as accepted:
@@ -78,6 +80,8 @@ def test_accept_gives_binary_addresses_host_order_ports_and_a_ready_descriptor()
             assert (dest_addr, dest_port) == (LOOPBACK, listen.getsockname()[1])
             assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
             assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            # Not set per connection: inherited from the listener (the worker's sets it,
+            # tests/unit/test_worker_accept.py).
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             client.sendall(b"ping")
             assert select.select([fd], [], [], TIMEOUT)[0]
