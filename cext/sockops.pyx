@@ -18,7 +18,7 @@ block.
 Addresses are IPv6 only (the transparent listener is AF_INET6; IPv4 clients arrive as
 IPv4-mapped addresses). Flow label and scope id are left 0, as the worker always did.
 """
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EBADF
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EBADF, EADDRINUSE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close
@@ -139,6 +139,26 @@ def accept_connection(int listen_fd):
             PyBytes_FromStringAndSize(<char *>&local.sin6_addr, 16), ntohs(local.sin6_port))
 
 
+cdef int bind_source(int fd, sockaddr_in6 *source) noexcept nogil:
+    """bind() the onward socket to the client's address; returns 0 or the errno.
+
+    The client's port may equal our listeners' port: they listen on [::] with SO_REUSEPORT,
+    and SO_REUSEADDR does not share a port with a listening socket, so the bind fails with
+    EADDRINUSE; joining their SO_REUSEPORT group (same owner) is what lets it succeed then.
+    That is rare, so the option is set only after such a failure (a failed bind leaves the
+    socket unbound), not on every onward socket."""
+    if bind(fd, <sockaddr *>source, sizeof(sockaddr_in6)) == 0:
+        return 0
+    if errno != EADDRINUSE:
+        return errno
+    cdef int err = set_flag(fd, SOL_SOCKET, SO_REUSEPORT)
+    if err:
+        return err
+    if bind(fd, <sockaddr *>source, sizeof(sockaddr_in6)) < 0:
+        return errno
+    return 0
+
+
 def connect_onward(bytes client_addr not None, uint16_t client_port,
                    bytes dest_addr not None, uint16_t dest_port, bytes rthdr):
     """Step 4 of a flow: a socket that looks like the client, starting a non-blocking
@@ -160,10 +180,6 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
     if not err:
         err = set_flag(fd, SOL_SOCKET, SO_REUSEADDR)
     if not err:
-        # The client's port may equal our listeners' port; joining their SO_REUSEPORT
-        # group (same owner) is what lets the bind succeed then.
-        err = set_flag(fd, SOL_SOCKET, SO_REUSEPORT)
-    if not err:
         err = set_flag(fd, IPPROTO_TCP, TCP_NODELAY)
     if not err:
         # As on the listener (accepted sockets inherit it): if the worker dies mid-flow,
@@ -178,8 +194,8 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
                or set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, keepalive_idle)
                or set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, keepalive_interval)
                or set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, keepalive_count))
-    if not err and bind(fd, <sockaddr *>&source, sizeof(source)) < 0:
-        err = errno
+    if not err:
+        err = bind_source(fd, &source)
     # The remaining segments: the kernel puts this SRH on every packet of the connection.
     if not err and rthdr is not None and setsockopt(
             fd, IPPROTO_IPV6, IPV6_RTHDR, PyBytes_AS_STRING(rthdr),

@@ -170,10 +170,34 @@ def test_connect_onward_binds_the_client_address_and_connects():
             assert accepted[1:3] == (LOOPBACK, client_port)
             with closing(socket.socket(fileno=os.dup(fd))) as view:
                 assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-                assert view.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                # Only for a client port the worker's listeners hold (test below).
+                assert view.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
                 # A worker that dies resets this connection instead of closing it.
                 assert struct.unpack("ii", view.getsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
+        finally:
+            _sockops.close_fd(fd)
+
+
+@needs_root
+def test_connect_onward_binds_a_client_port_equal_to_the_listeners_port():
+    """The worker's listeners hold [::]:port with SO_REUSEPORT; a client whose own port is
+    that port still gets its onward socket: it joins their SO_REUSEPORT group."""
+    with closing(socket.socket(socket.AF_INET6, socket.SOCK_STREAM)) as proxy, \
+            closing(listener()) as server:
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        proxy.bind(("::", 0))
+        proxy.listen(8)
+        port = proxy.getsockname()[1]
+        fd = _sockops.connect_onward(LOOPBACK, port, LOOPBACK, server.getsockname()[1], None)
+        try:
+            assert wait_connected(fd) == 0
+            accepted = accept_when_ready(server)
+            _sockops.close_fd(accepted[0])
+            assert accepted[1:3] == (LOOPBACK, port)
+            with closing(socket.socket(fileno=os.dup(fd))) as view:
+                assert view.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         finally:
             _sockops.close_fd(fd)
 
