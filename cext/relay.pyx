@@ -877,6 +877,8 @@ cdef class RelayLoop:
             # onward socket's): if this process dies, the kernel then resets both sides
             # instead of closing them with a FIN a client would take for a complete
             # transfer. A graceful close must not discard unacknowledged data: linger off.
+            # This close() also sends the last FIN, which the core leaves to it
+            # (fc_dir.fin_at_close) instead of asking for a shutdown() first.
             linger_off(f.fd[0])
             linger_off(f.fd[1])
             close(f.fd[0])
