@@ -28,11 +28,10 @@ import os
 
 from csystem cimport (socklen_t, sa_family_t, sockaddr, linger, AF_INET6, SOCK_STREAM,
                       SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR, SO_REUSEPORT,
-                      SO_LINGER, SO_KEEPALIVE, socket, accept4, getsockname, setsockopt,
-                      getsockopt, bind, connect, in6_addr, sockaddr_in6, IPPROTO_IPV6,
-                      IPPROTO_TCP, htons, ntohs, TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL,
-                      TCP_KEEPCNT, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN, TCP_SAVED_SYN,
-                      SO_NETNS_COOKIE)
+                      SO_LINGER, socket, accept4, getsockname, setsockopt, getsockopt, bind,
+                      connect, in6_addr, sockaddr_in6, IPPROTO_IPV6, IPPROTO_TCP, htons,
+                      ntohs, TCP_NODELAY, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN,
+                      TCP_SAVED_SYN, SO_NETNS_COOKIE)
 
 # The Linux option numbers (cext/csystem.pxd) for Python: pipes/system.py exports them.
 SOCKET_OPTIONS = {"IPV6_RTHDR": IPV6_RTHDR, "IPV6_TRANSPARENT": IPV6_TRANSPARENT,
@@ -40,28 +39,6 @@ SOCKET_OPTIONS = {"IPV6_RTHDR": IPV6_RTHDR, "IPV6_TRANSPARENT": IPV6_TRANSPARENT
                   "SO_NETNS_COOKIE": SO_NETNS_COOKIE}
 
 cdef int ON = 1
-# TCP keepalive of onward sockets (set_keepalive); the listener's accepted sockets inherit
-# the listener's own settings. 0: off.
-cdef int keepalive_idle = 0
-cdef int keepalive_interval = 0
-cdef int keepalive_count = 0
-
-
-def set_keepalive(int idle, int interval, int count):
-    """TCP keepalive for every later onward socket: first probe after `idle` seconds
-    without traffic, then every `interval`, reset after `count` unanswered (idle 0: off).
-    Called once by the worker at boot."""
-    global keepalive_idle, keepalive_interval, keepalive_count
-    if idle < 0 or interval <= 0 or count <= 0:
-        raise ValueError("keepalive: idle >= 0, interval > 0, count > 0")
-    keepalive_idle, keepalive_interval, keepalive_count = idle, interval, count
-
-
-cdef int set_int(int fd, int level, int name, int value) noexcept nogil:
-    """setsockopt(level, name, value); returns 0 or the errno."""
-    if setsockopt(fd, level, name, &value, sizeof(value)) < 0:
-        return errno
-    return 0
 
 
 cdef int raise_errno(int err) except -1:
@@ -166,6 +143,7 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
 
     Returns the descriptor (non-blocking, close-on-exec); the connect completes later (the
     relay checks SO_ERROR). On any failure the socket is closed and OSError raised.
+    Keepalive is not set here: the relay arms it on flows that last (RelayLoop.set_keepalive).
     """
     cdef sockaddr_in6 source, dest
     cdef linger lg
@@ -189,11 +167,6 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
         lg.l_linger = 0
         if setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0:
             err = errno
-    if not err and keepalive_idle:
-        err = (set_flag(fd, SOL_SOCKET, SO_KEEPALIVE)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, keepalive_idle)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, keepalive_interval)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, keepalive_count))
     if not err:
         err = bind_source(fd, &source)
     # The remaining segments: the kernel puts this SRH on every packet of the connection.

@@ -37,7 +37,7 @@ import time
 from typing import Any, NamedTuple
 
 from . import _relay, messages, onward, system, vfmodules
-from ._sockops import accept_connection, reset_and_close, saved_syn, set_keepalive
+from ._sockops import accept_connection, reset_and_close, saved_syn
 from .onward import TupleBusy
 from .addressplan import AddressError, AddressPlan
 from .config import Config
@@ -267,9 +267,11 @@ class Worker:
         self.srh_table.prefault()
         config = self.config
         self.listener = make_listener(config.port, config.keepalive)
-        set_keepalive(*config.keepalive)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
                                       MAX_FUNCTION_SLOTS, config.max_flows, config.buffer_size)
+        # The client side inherits the listener's keepalive; the server side gets it from
+        # the relay once a flow is a second old (short connections never pay for it).
+        self.relay.set_keepalive(*config.keepalive)
         self.relay.set_timeouts(config.timeout_connect, config.timeout_client,
                                 config.timeout_server, config.timeout_client_fin,
                                 config.timeout_server_fin)
