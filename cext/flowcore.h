@@ -28,9 +28,10 @@
  *   FC_SPLICE_IN  splice at most op.len bytes from src into the pipe; with FC_CHECK_URGENT
  *                 report FC_URGENT when it moved nothing because src is at the urgent mark
  *   FC_BOUNCE     recv() at most one page (op.len) from src and write it into the empty pipe
- *   FC_SHUTDOWN   shutdown(dst, SHUT_WR): forward the FIN
+ *   FC_SHUTDOWN   shutdown(dst, SHUT_WR): forward the FIN (not the last one, see FIN below)
  * and after each round of both directions fc_round() says: go on, idle, close, or reset
- * (with the reason). fc_end() ends a flow, exactly once.
+ * (with the reason). FC_CLOSE asks for a graceful close of both sides (linger off, close()),
+ * which sends the last FIN. fc_end() ends a flow, exactly once.
  *
  * A step of one direction is a fixed sequence of phases (fc_next walks them with a cursor,
  * struct fc_step, so the order lives here and not in each driver):
@@ -51,6 +52,10 @@
  *          and outputs nothing ends the direction ("flushed");
  *   FIN    the FIN is forwarded only after everything before it was delivered: buffer and
  *          pipe empty, and on the stream path the function flushed and its output sent.
+ *          With shutdown() while the other direction goes on (a half-close); the last FIN
+ *          (the other direction finished) is left to the close that follows in the same
+ *          round (fc_dir.fin_at_close): close() sends it after what is queued, as
+ *          shutdown() would, so the shell makes one system call less per flow.
  *
  * Readiness is cached per side (edge-triggered epoll): set by events, cleared by EAGAIN, or
  * by a short recv(), which proves the receive queue empty, unless a FIN, error or urgent
@@ -134,7 +139,8 @@
 /* fc_round's other results. */
 #define FC_IDLE 0       /* nothing progressed: wait for events */
 #define FC_AGAIN_ROUND 1
-#define FC_CLOSE 2      /* both directions forwarded their FIN: close normally */
+#define FC_CLOSE 2      /* both directions finished: close gracefully (linger off, close());
+                           that close sends the last FIN (fin_at_close) */
 
 /* fc_event's event bits (the shell maps epoll's). */
 #define FC_EV_IN 0x1        /* EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLERR | EPOLLHUP */
@@ -178,7 +184,8 @@ struct fc_dir {
     unsigned char more;     /* stream: the last call filled obuf; call again */
     unsigned char starved;  /* stream: the last call took and gave nothing; wait for input */
     unsigned char flushed;  /* stream: the EOF flush is complete */
-    unsigned char done;     /* FIN forwarded */
+    unsigned char done;     /* FIN forwarded, or left to the close (fin_at_close) */
+    unsigned char fin_at_close; /* the last FIN: no FC_SHUTDOWN, the graceful close sends it */
     unsigned char bounce;   /* splice: at the urgent mark with an empty pipe */
 };
 
@@ -323,8 +330,9 @@ static inline int fc_next(struct fc_flow *f, int d, struct fc_step *s, struct fc
                     return fc_op_set(op, FC_SEND, x->obuf + x->ostart, x->olen, 0);
             } else if (x->pending) {
                 /* Once the source's FIN is known to follow, MSG_MORE holds the last bytes
-                 * back for the shutdown() that comes next: the FIN rides on the last data
-                 * segment instead of costing a packet of its own. */
+                 * back for the shutdown() (or, for the last FIN, the close()) that comes
+                 * next: the FIN rides on the last data segment instead of costing a packet
+                 * of its own. */
                 return fc_op_set(op, x->path == FC_PATH_PIPE ? FC_SPLICE_OUT : FC_SEND,
                                  x->path == FC_PATH_PIPE ? NULL : x->buf + x->start,
                                  x->pending, f->fin[src] ? FC_MORE : 0);
@@ -378,8 +386,15 @@ static inline int fc_next(struct fc_flow *f, int d, struct fc_step *s, struct fc
         case FC_PH_FIN:
             /* Never forward the FIN while bytes before it are still to be delivered. */
             if (x->path == FC_PATH_STREAM ? (x->flushed && x->olen == 0)
-                                          : (x->eof && x->pending == 0))
-                return fc_op_set(op, FC_SHUTDOWN, NULL, 0, 0);
+                                          : (x->eof && x->pending == 0)) {
+                if (!f->dir[1 - d].done)
+                    return fc_op_set(op, FC_SHUTDOWN, NULL, 0, 0);
+                /* The last FIN: both directions are finished now, fc_round says FC_CLOSE
+                 * this round, and the graceful close() sends this FIN: no shutdown(). */
+                x->done = 1;
+                x->fin_at_close = 1;
+                s->progress = 1;
+            }
             break;
         default:
             s->phase = FC_PH_END;

@@ -75,6 +75,7 @@ cdef extern from "flowcore.h" nogil:
         bint starved
         bint flushed
         bint done
+        bint fin_at_close
         bint bounce
 
     struct fc_flow:

@@ -133,7 +133,8 @@ cdef class FlowCore:
         return {"path": x.path, "pending": x.pending, "olen": x.olen, "cap": x.cap,
                 "ocap": x.ocap, "pipe_cap": x.pipe_cap, "eof": bool(x.eof),
                 "more": bool(x.more), "starved": bool(x.starved), "flushed": bool(x.flushed),
-                "done": bool(x.done), "big_reads": x.big_reads}
+                "done": bool(x.done), "fin_at_close": bool(x.fin_at_close),
+                "big_reads": x.big_reads}
 
     def event(self, int side, *, bint readable=False, bint writable=False, bint hup=False,
               bint rdhup=False, bint error=False, int so_error=0):
@@ -219,7 +220,8 @@ cdef class FlowCore:
 
     def round(self, int a, int b):
         """After one step each way (results: progress 0/1 or a reset reason): CLOSE,
-        AGAIN_ROUND, IDLE, or the reset reason."""
+        AGAIN_ROUND, IDLE, or the reset reason. CLOSE: the shell's graceful close sends the
+        FIN of the direction that finished last (direction(d)["fin_at_close"])."""
         return fc_round(&self.core, a, b)
 
     def end(self):

@@ -28,7 +28,8 @@ Flow life cycle:
 
 A pump makes at most PUMP_ROUNDS rounds; a flow that still has work is put on a ready list
 which the next poll serves (with a zero epoll timeout), so one fast flow cannot starve the
-others. Timeouts (set_timeouts) are checked about once a second.
+others. Timeouts (set_timeouts) are checked about once a second, and in the same walk the
+server socket of a flow open for a second gets its keepalive (set_keepalive).
 
 Buffers: per direction one buffer (`buffer_size` bytes for functions, IDENTITY_BUFFER = 16 KiB
 for identity), and on the stream path an output buffer of the same size; for bulk identity
@@ -69,7 +70,8 @@ from csystem cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN
                       clock_gettime, CLOCK_MONOTONIC_COARSE, pipe2, write, ioctl, SIOCATMARK,
                       linger, recv, send, shutdown, setsockopt, getsockopt, socklen_t,
                       SOL_SOCKET, SO_LINGER, SO_ERROR, SHUT_WR, MSG_NOSIGNAL, MSG_DONTWAIT,
-                      MSG_MORE)
+                      MSG_MORE, SO_KEEPALIVE, IPPROTO_TCP, TCP_KEEPIDLE, TCP_KEEPINTVL,
+                      TCP_KEEPCNT)
 
 from srv6pipes_vf cimport (pipes_flow_info, pipes_func_desc, vf_process_fn, PIPES_VF_EOF,
                            PIPES_VF_RESET, PIPES_VF_ERROR, PIPES_VF_INPLACE)
@@ -134,6 +136,7 @@ cdef enum:
     IDENTITY_BUFFER = 16384 # identity's buffer before splice (HAProxy's bufsize): small
                             # exchanges fit, and 10,000 idle flows take 320 MB, not 1.3 GB
     MAX_EVENTS = 256
+    KEEPALIVE_AFTER_MS = 1000   # a flow this old gets its server socket's keepalive armed
 
 # epoll_event.data.u64: generation << 32 | flow index << 1 | side. The generation makes a
 # stale event (a descriptor shared with another process outliving our close) harmless.
@@ -174,6 +177,7 @@ cdef struct Flow:
     int ready_prev          # ready list links, valid while queued
     int ready_next
     bint queued
+    bint keepalive_armed    # the server socket's keepalive is set (set_keepalive)
 
 
 cdef ssize_t py_process(void *ctx, int direction, const uint8_t *inp, size_t *in_len,
@@ -253,6 +257,20 @@ cdef inline uint64_t monotonic_ms() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>ts.tv_nsec // 1000000
 
 
+cdef inline void set_int(int fd, int level, int name, int value) noexcept nogil:
+    setsockopt(fd, level, name, &value, sizeof(value))
+
+
+cdef inline void arm_keepalive(int fd, int idle, int interval, int count) noexcept nogil:
+    """Keepalive on an established socket (set_keepalive). TCP_KEEPIDLE last: with
+    SO_KEEPALIVE already on, setting it re-arms the timer from the last segment received.
+    Best effort: a socket that fails here has failed, and the flow finds out on its own."""
+    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1)
+    set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, interval)
+    set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, count)
+    set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, idle)
+
+
 cdef inline void linger_off(int fd) noexcept nogil:
     """Undo the flow's SO_LINGER {1, 0} before a graceful close (see _finish)."""
     cdef linger lg
@@ -296,6 +314,9 @@ cdef class RelayLoop:
     cdef uint64_t idle_timeout_ms[2]    # per side: client, server; 0: none
     cdef uint64_t fin_timeout_ms[2]     # per side, once that side has sent its FIN
     cdef size_t last_pipe_cap           # _get_pipe's result
+    cdef int keepalive_idle             # the server sockets' keepalive (set_keepalive); 0: off
+    cdef int keepalive_interval
+    cdef int keepalive_count
 
     def __cinit__(self):
         self.epfd = -1
@@ -395,6 +416,24 @@ cdef class RelayLoop:
         self.fin_timeout_ms[0] = <uint64_t>(client_fin * 1000)
         self.fin_timeout_ms[1] = <uint64_t>(server_fin * 1000)
 
+    def set_keepalive(self, int idle, int interval, int count):
+        """TCP keepalive of every flow's server socket (the client socket inherits the
+        listener's): first probe after `idle` seconds without a segment from the server,
+        then every `interval`, reset after `count` unanswered (idle 0: off).
+
+        Armed by the once-a-second walk (_expire) on open flows at least KEEPALIVE_AFTER_MS
+        old, not when the socket is made: a short connection never pays the four setsockopt
+        calls. Dead-server detection is unchanged: TCP_KEEPIDLE is set last, and on a socket
+        with SO_KEEPALIVE the kernel then counts the idle time from the last segment
+        received (tcp_sock_set_keepidle_locked), so the first probe is as early as with
+        keepalive set at connect (only an idle below the arming age, 1-2 s, is a little
+        late). Before the connect completes keepalive does nothing anyway (SYN_SENT)."""
+        if idle < 0 or interval <= 0 or count <= 0:
+            raise ValueError("keepalive: idle >= 0, interval > 0, count > 0")
+        self.keepalive_idle = idle
+        self.keepalive_interval = interval
+        self.keepalive_count = count
+
     # -- adding a flow -------------------------------------------------------------------
     def add_flow(self, int client_fd, int server_fd, int slot=0, uintptr_t function=0,
                  object pyfunction=None, unsigned int params=0, tuple flow=None,
@@ -446,6 +485,7 @@ cdef class RelayLoop:
         f.gen += 1
         f.ctr = ctr
         f.queued = False
+        f.keepalive_armed = False
         f.fn = NULL
         f.process = NULL
         f.ctx = NULL
@@ -583,8 +623,9 @@ cdef class RelayLoop:
         return ready
 
     cdef void _expire(self) noexcept nogil:
-        """Ends the flows whose connect, idle or half-closed timeout has passed. About once
-        a second: a walk over the flow table (the slots ever used)."""
+        """Ends the flows whose connect, idle or half-closed timeout has passed, and arms
+        the server socket's keepalive of open flows a second old (set_keepalive). About
+        once a second: a walk over the flow table (the slots ever used)."""
         cdef int i, side
         cdef uint64_t limit
         cdef Flow *f
@@ -595,6 +636,11 @@ cdef class RelayLoop:
                     f.ctr[C_TIMEOUTS_CONNECT] += 1
                     self._finish(f, C_CONNECT_FAILED)
             elif f.core.state == FC_OPEN:
+                if (self.keepalive_idle and not f.keepalive_armed
+                        and self.now_ms - f.started_ms >= KEEPALIVE_AFTER_MS):
+                    f.keepalive_armed = True
+                    arm_keepalive(f.fd[1], self.keepalive_idle, self.keepalive_interval,
+                                  self.keepalive_count)
                 for side in range(2):
                     # dir[side] reads from side: its eof is that side's FIN.
                     limit = (self.fin_timeout_ms[side] if f.core.dir[side].eof
@@ -877,6 +923,8 @@ cdef class RelayLoop:
             # onward socket's): if this process dies, the kernel then resets both sides
             # instead of closing them with a FIN a client would take for a complete
             # transfer. A graceful close must not discard unacknowledged data: linger off.
+            # This close() also sends the last FIN, which the core leaves to it
+            # (fc_dir.fin_at_close) instead of asking for a shutdown() first.
             linger_off(f.fd[0])
             linger_off(f.fd[1])
             close(f.fd[0])

@@ -18,7 +18,7 @@ block.
 Addresses are IPv6 only (the transparent listener is AF_INET6; IPv4 clients arrive as
 IPv4-mapped addresses). Flow label and scope id are left 0, as the worker always did.
 """
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EBADF
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EBADF, EADDRINUSE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close
@@ -28,11 +28,10 @@ import os
 
 from csystem cimport (socklen_t, sa_family_t, sockaddr, linger, AF_INET6, SOCK_STREAM,
                       SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR, SO_REUSEPORT,
-                      SO_LINGER, SO_KEEPALIVE, socket, accept4, getsockname, setsockopt,
-                      getsockopt, bind, connect, in6_addr, sockaddr_in6, IPPROTO_IPV6,
-                      IPPROTO_TCP, htons, ntohs, TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL,
-                      TCP_KEEPCNT, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN, TCP_SAVED_SYN,
-                      SO_NETNS_COOKIE)
+                      SO_LINGER, socket, accept4, getsockname, setsockopt, getsockopt, bind,
+                      connect, in6_addr, sockaddr_in6, IPPROTO_IPV6, IPPROTO_TCP, htons,
+                      ntohs, TCP_NODELAY, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN,
+                      TCP_SAVED_SYN, SO_NETNS_COOKIE)
 
 # The Linux option numbers (cext/csystem.pxd) for Python: pipes/system.py exports them.
 SOCKET_OPTIONS = {"IPV6_RTHDR": IPV6_RTHDR, "IPV6_TRANSPARENT": IPV6_TRANSPARENT,
@@ -40,28 +39,6 @@ SOCKET_OPTIONS = {"IPV6_RTHDR": IPV6_RTHDR, "IPV6_TRANSPARENT": IPV6_TRANSPARENT
                   "SO_NETNS_COOKIE": SO_NETNS_COOKIE}
 
 cdef int ON = 1
-# TCP keepalive of onward sockets (set_keepalive); the listener's accepted sockets inherit
-# the listener's own settings. 0: off.
-cdef int keepalive_idle = 0
-cdef int keepalive_interval = 0
-cdef int keepalive_count = 0
-
-
-def set_keepalive(int idle, int interval, int count):
-    """TCP keepalive for every later onward socket: first probe after `idle` seconds
-    without traffic, then every `interval`, reset after `count` unanswered (idle 0: off).
-    Called once by the worker at boot."""
-    global keepalive_idle, keepalive_interval, keepalive_count
-    if idle < 0 or interval <= 0 or count <= 0:
-        raise ValueError("keepalive: idle >= 0, interval > 0, count > 0")
-    keepalive_idle, keepalive_interval, keepalive_count = idle, interval, count
-
-
-cdef int set_int(int fd, int level, int name, int value) noexcept nogil:
-    """setsockopt(level, name, value); returns 0 or the errno."""
-    if setsockopt(fd, level, name, &value, sizeof(value)) < 0:
-        return errno
-    return 0
 
 
 cdef int raise_errno(int err) except -1:
@@ -110,9 +87,11 @@ def accept_connection(int listen_fd):
     Returns None when the accept queue is empty, else
     (fd, client address, client port, destination address, destination port): the
     addresses as 16 bytes, the ports in host order. With TPROXY the local address of the
-    accepted socket is the client's final destination. The new descriptor is non-blocking,
-    close-on-exec and has TCP_NODELAY (the relay writes what it has at once). Raises OSError
-    for any other accept error; if a step after accept fails the connection is reset.
+    accepted socket is the client's final destination. The new descriptor is non-blocking
+    and close-on-exec; its other options come from the listener, whose copy it is (on Linux
+    an accepted socket inherits TCP_NODELAY, SO_LINGER and keepalive: the worker's listener,
+    make_listener, sets them once instead of a setsockopt per connection). Raises OSError
+    for any other accept error; if getsockname fails the connection is reset.
     """
     cdef sockaddr_in6 peer, local
     cdef socklen_t peer_len = sizeof(peer), local_len = sizeof(local)
@@ -129,16 +108,32 @@ def accept_connection(int listen_fd):
     if peer.sin6_family != AF_INET6:
         close(fd)
         raise ValueError(f"descriptor {listen_fd} is not an IPv6 listener")
-    err = 0
     if getsockname(fd, <sockaddr *>&local, &local_len) < 0:
         err = errno
-    else:
-        err = set_flag(fd, IPPROTO_TCP, TCP_NODELAY)
-    if err:
         close_with_reset(fd)
         raise_errno(err)
     return (fd, PyBytes_FromStringAndSize(<char *>&peer.sin6_addr, 16), ntohs(peer.sin6_port),
             PyBytes_FromStringAndSize(<char *>&local.sin6_addr, 16), ntohs(local.sin6_port))
+
+
+cdef int bind_source(int fd, sockaddr_in6 *source) noexcept nogil:
+    """bind() the onward socket to the client's address; returns 0 or the errno.
+
+    The client's port may equal our listeners' port: they listen on [::] with SO_REUSEPORT,
+    and SO_REUSEADDR does not share a port with a listening socket, so the bind fails with
+    EADDRINUSE; joining their SO_REUSEPORT group (same owner) is what lets it succeed then.
+    That is rare, so the option is set only after such a failure (a failed bind leaves the
+    socket unbound), not on every onward socket."""
+    if bind(fd, <sockaddr *>source, sizeof(sockaddr_in6)) == 0:
+        return 0
+    if errno != EADDRINUSE:
+        return errno
+    cdef int err = set_flag(fd, SOL_SOCKET, SO_REUSEPORT)
+    if err:
+        return err
+    if bind(fd, <sockaddr *>source, sizeof(sockaddr_in6)) < 0:
+        return errno
+    return 0
 
 
 def connect_onward(bytes client_addr not None, uint16_t client_port,
@@ -148,6 +143,7 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
 
     Returns the descriptor (non-blocking, close-on-exec); the connect completes later (the
     relay checks SO_ERROR). On any failure the socket is closed and OSError raised.
+    Keepalive is not set here: the relay arms it on flows that last (RelayLoop.set_keepalive).
     """
     cdef sockaddr_in6 source, dest
     cdef linger lg
@@ -162,10 +158,6 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
     if not err:
         err = set_flag(fd, SOL_SOCKET, SO_REUSEADDR)
     if not err:
-        # The client's port may equal our listeners' port; joining their SO_REUSEPORT
-        # group (same owner) is what lets the bind succeed then.
-        err = set_flag(fd, SOL_SOCKET, SO_REUSEPORT)
-    if not err:
         err = set_flag(fd, IPPROTO_TCP, TCP_NODELAY)
     if not err:
         # As on the listener (accepted sockets inherit it): if the worker dies mid-flow,
@@ -175,13 +167,8 @@ def connect_onward(bytes client_addr not None, uint16_t client_port,
         lg.l_linger = 0
         if setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0:
             err = errno
-    if not err and keepalive_idle:
-        err = (set_flag(fd, SOL_SOCKET, SO_KEEPALIVE)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, keepalive_idle)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, keepalive_interval)
-               or set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, keepalive_count))
-    if not err and bind(fd, <sockaddr *>&source, sizeof(source)) < 0:
-        err = errno
+    if not err:
+        err = bind_source(fd, &source)
     # The remaining segments: the kernel puts this SRH on every packet of the connection.
     if not err and rthdr is not None and setsockopt(
             fd, IPPROTO_IPV6, IPV6_RTHDR, PyBytes_AS_STRING(rthdr),

@@ -37,7 +37,7 @@ import time
 from typing import Any, NamedTuple
 
 from . import _relay, messages, onward, system, vfmodules
-from ._sockops import accept_connection, reset_and_close, saved_syn, set_keepalive
+from ._sockops import accept_connection, reset_and_close, saved_syn
 from .onward import TupleBusy
 from .addressplan import AddressError, AddressPlan
 from .config import Config
@@ -74,12 +74,15 @@ class Rejected(Exception):
 def make_listener(port: int, keepalive: tuple[int, int, int] = (0, 10, 6)) -> socket.socket:
     """The worker's own transparent listener; SO_REUSEPORT gives each worker its queue.
     Accepted sockets inherit its SO_LINGER {1, 0} (a worker that dies resets its flows
-    instead of ending them with a FIN that looks like a complete transfer) and keepalive."""
+    instead of ending them with a FIN that looks like a complete transfer), keepalive and
+    TCP_NODELAY (the relay writes what it has at once): set here once, not per connection
+    (accept_connection sets no option)."""
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         idle, interval, count = keepalive
         if idle:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -264,9 +267,11 @@ class Worker:
         self.srh_table.prefault()
         config = self.config
         self.listener = make_listener(config.port, config.keepalive)
-        set_keepalive(*config.keepalive)
         self.relay = _relay.RelayLoop(self.listener.fileno(), self.stats.function_words(),
                                       MAX_FUNCTION_SLOTS, config.max_flows, config.buffer_size)
+        # The client side inherits the listener's keepalive; the server side gets it from
+        # the relay once a flow is a second old (short connections never pay for it).
+        self.relay.set_keepalive(*config.keepalive)
         self.relay.set_timeouts(config.timeout_connect, config.timeout_client,
                                 config.timeout_server, config.timeout_client_fin,
                                 config.timeout_server_fin)

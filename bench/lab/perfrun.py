@@ -33,6 +33,7 @@ COUNT_EVENTS = ["syscalls:sys_enter_splice", "syscalls:sys_enter_epoll_wait",
                 "syscalls:sys_enter_read", "syscalls:sys_enter_write",
                 "syscalls:sys_enter_epoll_ctl", "syscalls:sys_enter_accept4",
                 "syscalls:sys_enter_connect", "syscalls:sys_enter_close",
+                "syscalls:sys_enter_setsockopt", "syscalls:sys_enter_shutdown",
                 "raw_syscalls:sys_enter", "irq:softirq_entry", "net:netif_receive_skb",
                 "context-switches"]
 

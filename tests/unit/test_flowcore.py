@@ -11,6 +11,9 @@ model, and checks:
   - every flow ends exactly once: closed, reset or connect-failed;
   - the FIN is sent only after everything before it was delivered (the whole transformed
     stream of that direction);
+  - a direction that finishes while the other goes on forwards its FIN at once with a
+    shutdown (a half-close); only the last FIN is left to the graceful close, which sends
+    it (one shutdown per closed flow, never two);
   - what the core holds is bounded by its buffers (and the accounting of every byte read,
     held and delivered adds up);
   - no stall: an idle flow has no data it could move, no EOF it has not read or forwarded;
@@ -49,6 +52,7 @@ class Peer:
         self.room = 0               # bytes the proxy may send to it before EAGAIN
         self.received = bytearray() # what the proxy delivered to it
         self.got_fin = False        # the proxy forwarded a FIN to it
+        self.fin_by = None          # how: "shutdown", or "close" (the flow's graceful close)
 
 
 class HoldBack:
@@ -178,13 +182,30 @@ class FlowPlaybook(RuleBasedStateMachine):
         if op.kind == fc.SHUTDOWN:
             if dst.reset:
                 return (fc.FAILED,)
-            # The FIN may only follow everything the source sent, transformed, delivered.
-            assert src.fin and not src.queue, "FIN forwarded before the source's FIN was read"
-            assert bytes(dst.received) == expected(self.mode_name, bytes(src.sent)), \
-                "FIN forwarded before every byte before it was delivered"
-            dst.got_fin = True
+            assert not self.core.direction(1 - d)["done"], \
+                "a shutdown for the last FIN: the close that follows sends it"
+            self.forward_fin(d, "shutdown")
             return (0,)
         raise AssertionError(f"unknown operation {op}")
+
+    def forward_fin(self, d, how):
+        """Direction d's FIN reaches its destination (by a shutdown or the close)."""
+        src, dst = self.peers[d], self.peers[1 - d]
+        # The FIN may only follow everything the source sent, transformed, delivered.
+        assert not dst.got_fin, "FIN forwarded twice"
+        assert src.fin and not src.queue, "FIN forwarded before the source's FIN was read"
+        assert bytes(dst.received) == expected(self.mode_name, bytes(src.sent)), \
+            "FIN forwarded before every byte before it was delivered"
+        dst.got_fin = True
+        dst.fin_by = how
+
+    def close(self):
+        """relay.pyx's graceful close (FC_CLOSE): it sends the FIN the core left to it, the
+        last one; the other one was a shutdown, when the other direction still went on."""
+        last = [d for d in (0, 1) if self.core.direction(d)["fin_at_close"]]
+        assert len(last) == 1, f"FINs left to the close: {last} (exactly the last one)"
+        self.forward_fin(last[0], "close")
+        assert self.peers[last[0]].fin_by == "shutdown", "the first FIN was not a shutdown"
 
     def step(self, d):
         core = self.core
@@ -223,6 +244,7 @@ class FlowPlaybook(RuleBasedStateMachine):
                 self.check_not_stalled()
                 return
             if verdict == fc.CLOSE:
+                self.close()
                 self.end("closed")
                 return
             if verdict < 0:
@@ -338,6 +360,18 @@ class FlowPlaybook(RuleBasedStateMachine):
         assert len(self.ended) <= 1
 
     @invariant()
+    def half_close_is_forwarded_at_once(self):
+        """A live flow's finished direction has sent its FIN (shutdown): the peer may wait
+        for it before it answers or closes its own side."""
+        if not self.live:
+            return
+        for d in (0, 1):
+            x = self.core.direction(d)
+            if x["done"]:
+                assert not x["fin_at_close"] and self.peers[1 - d].fin_by == "shutdown", \
+                    f"direction {d} finished without forwarding its FIN"
+
+    @invariant()
     def bounded_and_accounted(self):
         if not self.live:
             return
@@ -439,6 +473,50 @@ def test_fin_waits_for_the_buffered_bytes():
     core.event(1, writable=True)
     assert drive(core, 0, lambda op: (op.size,) if op.kind == fc.SEND else (0,)) == 1
     assert core.direction(0)["done"]
+
+
+def test_only_the_last_fin_is_left_to_the_close_and_only_after_the_buffered_bytes():
+    """Identity. The server's FIN goes to the client at once with a shutdown (a half-close:
+    the client still sends). The client's FIN then arrives with bytes it sent still
+    buffered (the server side is full): nothing until they are sent; then the direction
+    finishes without a SHUTDOWN and the round says CLOSE, whose close() sends that FIN."""
+    core = fc.FlowCore(fc.IDENTITY, 16)
+    ops = []
+
+    def perform(op):
+        ops.append(op.name)
+        if op.kind == fc.RECV:
+            return (0,)
+        if op.kind == fc.SHUTDOWN:
+            return (0,)
+        raise AssertionError(op)
+    core.event(1, rdhup=True)
+    assert drive(core, 1, perform) == 1
+    assert ops == ["RECV", "SHUTDOWN"] and core.direction(1)["done"]
+    assert not core.direction(1)["fin_at_close"]
+    assert core.round(0, 1) == fc.AGAIN_ROUND
+
+    ops.clear()
+
+    def blocked_dst(op):
+        ops.append(op.name)
+        if op.kind == fc.RECV:
+            return (5, b"hello") if ops.count("RECV") == 1 else (0,)
+        if op.kind == fc.SEND:
+            return (fc.AGAIN,)
+        raise AssertionError(op)
+    core.event(0, rdhup=True)
+    while drive(core, 0, blocked_dst) == 1:
+        pass
+    assert "SHUTDOWN" not in ops and core.direction(0)["eof"]
+    assert not core.direction(0)["done"] and core.round(0, 0) == fc.IDLE
+
+    ops.clear()
+    core.event(1, writable=True)
+    assert drive(core, 0, lambda op: ops.append(op.name) or (op.size,)) == 1
+    assert ops == ["SEND"]
+    assert core.direction(0)["done"] and core.direction(0)["fin_at_close"]
+    assert core.round(1, 0) == fc.CLOSE
 
 
 def test_stream_fin_waits_for_the_eof_flush():

@@ -328,8 +328,12 @@ class Proxy:
     """A worker in miniature: a RelayLoop polled by one thread, which also accepts."""
 
     def __init__(self, target, mode, *, key=None, slot=0, nslots=2, max_flows=4096,
-                 buffer_size=65536, pipe_size=1 << 20, connecting=True, server_rcvbuf=None):
+                 buffer_size=65536, pipe_size=1 << 20, connecting=True, server_rcvbuf=None,
+                 watch_servers=False):
         self.target = target
+        # watch_servers: (time handed over, a dup of the server socket) per flow, to look at
+        # the socket the relay owns (the dup keeps it open: the test closes them).
+        self.servers = [] if watch_servers else None
         self.mode = mode
         self.key = KEY if key is None else key
         self.slot = slot
@@ -377,6 +381,8 @@ class Proxy:
             else:
                 server.connect(self.target)
                 server.setblocking(False)
+            if self.servers is not None:
+                self.servers.append((time.monotonic(), server.dup()))
             self.loop.add_flow(client.detach(), server.detach(), self.slot,
                                connecting=self.connecting, **function_args(self.mode, self.key))
 
@@ -836,6 +842,43 @@ def test_half_closed_client_side_uses_the_client_fin_timeout(env):
             sock.recv(10)
     check_counters(proxy, 1, reset=1)
     assert proxy.counter("timeouts_client") == 1
+
+
+def keepalive_of(sock):
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+        return None
+    return [sock.getsockopt(socket.IPPROTO_TCP, option)
+            for option in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)]
+
+
+def test_the_server_sockets_keepalive_is_armed_once_the_flow_lasts(env):
+    """set_keepalive: a flow's server socket gets SO_KEEPALIVE and the three values once the
+    flow is a second old (the walk runs about once a second), not before: a short
+    connection never pays for them. Keepalive 0 arms nothing."""
+    backend = env.backend(lambda sock: Peer(sock, hold=True))
+    proxy = env.proxy(backend.address, "splice", watch_servers=True)
+    proxy.call(lambda loop: loop.set_keepalive(42, 7, 3))
+    try:
+        with proxy.connect() as sock:
+            sock.sendall(b"hello")
+            assert wait_until(lambda: proxy.servers)
+            handed, server = proxy.servers[0]
+            assert keepalive_of(server) is None or time.monotonic() - handed >= 1
+            assert wait_until(lambda: keepalive_of(server) is not None, timeout=5)
+            assert time.monotonic() - handed >= 0.95
+            assert keepalive_of(server) == [42, 7, 3]
+        proxy.call(lambda loop: loop.set_keepalive(0, 10, 6))
+        with proxy.connect() as sock:
+            sock.sendall(b"hello")
+            assert wait_until(lambda: len(proxy.servers) == 2)
+            handed, server = proxy.servers[1]
+            time.sleep(max(0.0, handed + 2.5 - time.monotonic()))   # two walks past 1 s
+            assert keepalive_of(server) is None
+    finally:
+        for _, server in proxy.servers:
+            server.close()
+    with pytest.raises(ValueError):
+        proxy.call(lambda loop: loop.set_keepalive(1, 0, 1))
 
 
 def test_timeouts_must_not_be_negative(env):

@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import socket
+import struct
 from contextlib import closing
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from srv6pipes import _sockops
 from srv6pipes.config import build_config
 from srv6pipes.srh import SRH
-from srv6pipes.worker import Worker
+from srv6pipes.worker import Worker, make_listener
 
 from tests.support.loopback import free_port, open_descriptors
 
@@ -109,6 +110,22 @@ def test_a_refused_connection_is_counted_logged_with_its_address_and_reset(caplo
     assert worker.relay.flows == []
     (key,) = worker.srh_table.keys
     assert key == (LOOPBACK, client_port, LOOPBACK, listen_port)
+
+
+def test_accepted_sockets_take_the_worker_listeners_options():
+    """accept_connection sets no option: TCP_NODELAY, SO_LINGER {1, 0} and keepalive of a
+    connection the worker accepts come from its listener (make_listener), which the kernel
+    copies into every accepted socket."""
+    with closing(make_listener(free_port(), (60, 10, 6))) as listen:
+        with closing(connect(listen)):
+            fd = _sockops.accept_connection(listen.fileno())[0]
+            with closing(socket.socket(fileno=fd)) as accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert struct.unpack("ii", accepted.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert [accepted.getsockopt(socket.IPPROTO_TCP, option) for option in (
+                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [60, 10, 6]
 
 
 def test_a_failed_onward_connection_is_counted_and_both_sides_closed(caplog):
