@@ -168,8 +168,10 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("locator", "--locator", None, _locator,
             "IPv6 prefix owned by this proxy; function addresses live inside it", "PREFIX"),
-    Setting("workers", "--workers", os.cpu_count() or 1, _int_range(1, MAX_WORKERS),
-            "worker processes, one pinned per CPU (default: CPU count)", "N"),
+    # One per CPU this process may run on (taskset, cpuset): under `taskset -c 1` one
+    # worker, not two sharing CPU 1.
+    Setting("workers", "--workers", len(os.sched_getaffinity(0)), _int_range(1, MAX_WORKERS),
+            "worker processes, one pinned per CPU (default: the CPUs pipesd may use)", "N"),
     Setting("port", "--port", 7000, _port,
             "local port of the transparent listeners (TPROXY target)", "P"),
     Setting("name", "--name", "pipesd", _name,
@@ -328,7 +330,7 @@ def _help_suffix(setting: Setting) -> str:
     if accepted:
         parts.append(accepted)
     if setting.default not in (None, ""):
-        shown = "CPU count" if setting.name == "workers" else setting.default
+        shown = "CPUs in its affinity" if setting.name == "workers" else setting.default
         parts.append(f"default: {shown}")
     return f" [{'; '.join(parts)}]" if parts else ""
 

@@ -114,7 +114,7 @@ class RouterSRH(Mode):
 
 HAPROXY_CFG = """\
 global
-    nbthread 2
+    nbthread {nbthread}
     {cpu_map}
     # The lab's file limit is 20000; HAProxy needs about 2 fds per connection.
     maxconn 4000
@@ -162,7 +162,7 @@ class HAProxy(Mode):
     name = "haproxy"
     proxied = True
     description = ("HAProxy 2.6 in p1, nft TPROXY interception, mode tcp, splice-auto, "
-                   "nbthread 2, usesrc clientip")
+                   "one thread per middlebox CPU (as pipesd's workers), usesrc clientip")
     PORT = 8080
     MARK = 0x5A
     TABLE = 190
@@ -176,13 +176,16 @@ class HAProxy(Mode):
             raise ModeUnavailable("haproxy is not installed")
         p1, s = lab.tb.hosts["p1"], lab.tb.hosts["s"]
         pin = lab.pinning
+        # One thread per CPU the middlebox may use, as pipesd runs one worker per CPU.
         if pin.middlebox_cpus is None:
-            cpu_map = "cpu-map auto:1/1-2 0-1"   # one thread per core, as pipesd's workers
+            nbthread, cpu_map = 2, "cpu-map auto:1/1-2 0-1"
         else:
+            nbthread = pin.cpu_count(pin.middlebox_cpus)
             cpu_map = f"cpu-map 1/all {pin.middlebox_cpus}"
         cfg = os.path.join(lab.workdir, "haproxy.cfg")
         with open(cfg, "w") as f:
-            f.write(HAPROXY_CFG.format(cpu_map=cpu_map, port=self.PORT, server=s.addr))
+            f.write(HAPROXY_CFG.format(nbthread=nbthread, cpu_map=cpu_map, port=self.PORT,
+                                       server=s.addr))
         nft = os.path.join(lab.workdir, "haproxy.nft")
         with open(nft, "w") as f:
             f.write(HAPROXY_NFT.format(table=self.nft_table, server=s.addr, port=self.PORT,
@@ -216,12 +219,15 @@ class Pipesd(Mode):
     ``params`` (the low bits of the address, see srv6pipes.addressplan)."""
     proxied = True
 
-    def __init__(self, function, params=0, workers=2, host="p1", name=None):
+    def __init__(self, function, params=0, workers=None, host="p1", name=None):
+        """workers None: pipesd's default, one per CPU of the middlebox's pinning (one in
+        `split`, two unpinned), as HAProxy's threads are mapped."""
         self.function, self.params, self.workers = function, int(params), workers
         self.host = host
         self.hosts = (host,)
         self.name = name or f"pipesd-{function}"
-        self.description = (f"pipesd --workers {workers} in {host}, client SRH "
+        workers_text = "one worker per CPU" if workers is None else f"--workers {workers}"
+        self.description = (f"pipesd ({workers_text}) in {host}, client SRH "
                             f"[{self.label()} @{host}, s]")
         self.proc = None
         self.final_stats = None     # pipesctl stats just before the daemon was stopped
@@ -276,10 +282,11 @@ class Pipesd(Mode):
         host = lab.tb.hosts[self.host]
         os.makedirs(os.path.dirname(self.control), exist_ok=True)
         self.log = os.path.join(lab.workdir, f"{self.name}-{self.host}.log")
-        # pipesd pins worker i to the i-th CPU of its affinity: under taskset -c 1 (split
-        # pinning) both workers share CPU 1, unpinned they take one core each.
+        # pipesd pins worker i to the i-th CPU of its affinity and by default runs one per
+        # CPU: under taskset -c 1 (split pinning) one worker, unpinned one on each core.
+        workers = [] if self.workers is None else ["--workers", str(self.workers)]
         cmd = [*lab.pinning.taskset(lab.pinning.middlebox_cpus),
-               program("pipesd"), "--workers", str(self.workers),
+               program("pipesd"), *workers,
                "--locator", str(lab.tb.locator(self.host)),
                "--port", "7000", "--name", self.daemon_name, "--control", self.control]
         self.proc = host.popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
@@ -357,7 +364,7 @@ class PipesdChain(Mode):
         self.name = name
         self.description = ("client SRH [" + ", ".join(f"{hop.label()} @{hop.host}"
                                                        for hop in self.hops)
-                            + f", s], pipesd --workers {self.hops[0].workers} in each")
+                            + f", s], pipesd --workers {self.hops[0].workers or 'per CPU'} in each")
         self.final_stats = None
 
     def setup(self, lab):

@@ -27,6 +27,15 @@ class Pinning:
     rps: dict | None            # host name -> hex CPU mask for rps_cpus of all its interfaces
 
     @staticmethod
+    def cpu_count(cpus: str) -> int:
+        """How many CPUs a taskset list ("1", "0,2", "0-3") names."""
+        count = 0
+        for part in cpus.split(","):
+            low, _, high = part.partition("-")
+            count += int(high or low) - int(low) + 1
+        return count
+
+    @staticmethod
     def taskset(cpus):
         """argv prefix: ``["taskset", "-c", CPUS]``, or nothing when ``cpus`` is None."""
         return ["taskset", "-c", cpus] if cpus else []

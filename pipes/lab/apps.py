@@ -54,7 +54,7 @@ class Pipesd:
         self.command = [sys.executable, "-m", "srv6pipes.cli",
                         "--locator", str(locator), "--port", str(port), "--name", name,
                         "--control", self.control, *extra]
-        if workers is not None:  # else from the config file or the CPU count
+        if workers is not None:  # else from the config file or pipesd's CPUs
             self.command += ["--workers", str(workers)]
         if "--drain-timeout" not in extra:
             # Lab daemons must finish within stop()'s wait, or they are killed before
