@@ -189,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("captures", "--captures", 0, _int_range(0, MAX_WORKERS),
             "SYN capture processes, each pinned to a worker's CPU and reading its own "
             "queue, which the kernel picks by the CPU that received the SYN (0: one per "
-            "worker CPU)", "N"),
+            "worker CPU; always one with an off-path --return-mode)", "N"),
     Setting("fwmark", "--fwmark", 1, _int_range(*kernel_range("fwmark")),
             "firewall mark that sends intercepted packets to the local table", "MARK"),
     Setting("route_table", "--route-table", 100,
@@ -373,7 +373,15 @@ def build_config(cli_values: dict[str, Any]) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{where[setting.name]}: {exc}") from None
     values.setdefault("control", system.control_socket(values["name"]))
-    if values["captures"] == 0:
+    if values["return_mode"] != "on-path":
+        # Return paths are numbered, and their routes installed, by the capture that sees
+        # a path first (returnpath.py): one capture keeps that numbering its own.
+        if values["captures"] > 1:
+            raise ConfigError(f"{where['captures']}: one capture only with "
+                              f"{where['return_mode']} {values['return_mode']} (return paths "
+                              "are numbered by the capture)")
+        values["captures"] = 1
+    elif values["captures"] == 0:
         values["captures"] = min(values["workers"], len(os.sched_getaffinity(0)))
     last_queue = values["queue_num"] + values["captures"] - 1
     if last_queue > kernel_range("queue_num")[1]:

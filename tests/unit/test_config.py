@@ -79,6 +79,12 @@ def test_captures_default_to_one_per_worker_cpu_and_their_queues_must_fit():
         build(queue_num="65534", captures="3")
 
 
+def test_off_path_return_modes_take_one_capture():
+    assert build(workers="64", return_mode="reverse").captures == 1
+    with pytest.raises(ConfigError, match="--captures: one capture only with --return-mode tlv"):
+        build(return_mode="tlv", captures="2")
+
+
 def test_metrics_listen_is_an_address_and_port_or_off():
     assert build(metrics_listen="[::1]:9469").metrics_listen == ("::1", 9469)
     assert build(metrics_listen="[fd00::0001]:80").metrics_listen == ("fd00::1", 80)
