@@ -27,7 +27,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 # Counted on the middlebox CPU with --count: the system calls a relay or a proxy makes,
-# softirq runs, packets received and context switches.
+# softirq runs, packets received, context switches and the inter-processor interrupts it
+# sends (RPS hands packets for the endpoints to their CPU with one; on a VM each is an exit).
 COUNT_EVENTS = ["syscalls:sys_enter_splice", "syscalls:sys_enter_epoll_wait",
                 "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_sendto",
                 "syscalls:sys_enter_read", "syscalls:sys_enter_write",
@@ -35,7 +36,7 @@ COUNT_EVENTS = ["syscalls:sys_enter_splice", "syscalls:sys_enter_epoll_wait",
                 "syscalls:sys_enter_connect", "syscalls:sys_enter_close",
                 "syscalls:sys_enter_setsockopt", "syscalls:sys_enter_shutdown",
                 "raw_syscalls:sys_enter", "irq:softirq_entry", "net:netif_receive_skb",
-                "context-switches"]
+                "context-switches", "ipi:ipi_send_cpu"]
 
 
 def parse_perf_stat(text):
