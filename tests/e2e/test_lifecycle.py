@@ -446,14 +446,17 @@ def test_sighup_applies_new_kernel_settings_and_capture(line, tmp_path):
     proxy = Pipesd(p1, tb.locator("p1"), name, extra=("--config", str(config)))
     try:
         assert roundtrip_ok(lab, tb)
-        config.write_text('queue_num = 3\ncaptures = 2\nreturn_mode = "reverse"\n')
+        # Off-path return mode: one capture, so the two queues become one (queue 3).
+        config.write_text('queue_num = 3\nreturn_mode = "reverse"\n')
         proxy.proc.send_signal(signal.SIGHUP)
 
         def reloaded():
             rules = p1.run(["ip6tables-legacy-save", "-t", kernelsetup.IP6TABLES_TABLE]).stdout
             routing = p1.run(["ip", "-6", "rule"]).stdout
-            return "--queue-balance 3:4" in rules and "lookup main" in routing
+            return ("--queue-num 3" in rules and "--queue-balance" not in rules
+                    and "lookup main" in routing)
         assert wait_for(reloaded, 10)
+        assert wait_for(lambda: sorted(capture_processes(name)) == [0], 10)
         hits = proxy.stats()["totals"]["worker"]["table_hits"]
         # The new capture binds queue 3 within its restart backoff; then SYNs hit the table.
         assert wait_for(lambda: roundtrip_ok(lab, tb) and
