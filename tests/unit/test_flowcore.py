@@ -453,19 +453,25 @@ def drive(core, d, perform):
     return int(core.progress(d))
 
 
+def blocked_destination(ops):
+    """A performer whose source gives 5 bytes, then its FIN, and whose destination takes
+    nothing (AGAIN); records each op's name in `ops`."""
+    def perform(op):
+        ops.append(op.name)
+        if op.kind == fc.RECV:
+            return (5, b"hello") if ops.count("RECV") == 1 else (0,)
+        if op.kind == fc.SEND:
+            return (fc.AGAIN,)
+        raise AssertionError(op)
+    return perform
+
+
 def test_fin_waits_for_the_buffered_bytes():
     """Identity: the source's FIN arrives with bytes still buffered (the destination is
     full): no SHUTDOWN until they are sent."""
     core = fc.FlowCore(fc.IDENTITY, 16)
     ops = []
-
-    def blocked_dst(op):
-        ops.append(op.name)
-        if op.kind == fc.RECV:
-            return (5, b"hello") if "RECV" not in ops[:-1] else (0,)
-        if op.kind == fc.SEND:
-            return (fc.AGAIN,)
-        raise AssertionError(op)
+    blocked_dst = blocked_destination(ops)
     core.event(0, rdhup=True)
     while drive(core, 0, blocked_dst) == 1:
         pass
@@ -497,14 +503,7 @@ def test_only_the_last_fin_is_left_to_the_close_and_only_after_the_buffered_byte
     assert core.round(0, 1) == fc.AGAIN_ROUND
 
     ops.clear()
-
-    def blocked_dst(op):
-        ops.append(op.name)
-        if op.kind == fc.RECV:
-            return (5, b"hello") if ops.count("RECV") == 1 else (0,)
-        if op.kind == fc.SEND:
-            return (fc.AGAIN,)
-        raise AssertionError(op)
+    blocked_dst = blocked_destination(ops)
     core.event(0, rdhup=True)
     while drive(core, 0, blocked_dst) == 1:
         pass

@@ -418,6 +418,24 @@ def stress_reader(name, stop, started):
             "busy": reader.lookup_busy}
 
 
+def results_of(processes, results, stop, started=None) -> list:
+    """Starts the stress processes (then sets `started`, if given), takes one result from
+    each, and always stops, joins (or kills) them all."""
+    for process in processes:
+        process.start()
+    if started is not None:
+        started.set()
+    try:
+        return [results.get(timeout=STRESS_SECONDS + 30) for _ in processes]
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
 def test_concurrent_reader_never_sees_a_torn_entry(name):
     ctx = fork_context()
     stop, started = ctx.Event(), ctx.Event()
@@ -432,17 +450,7 @@ def test_concurrent_reader_never_sees_a_torn_entry(name):
             results.put((role, repr(exc)))
 
     processes = [ctx.Process(target=child, args=(role,)) for role in ("writer", "reader")]
-    for process in processes:
-        process.start()
-    try:
-        outcome = dict(results.get(timeout=STRESS_SECONDS + 30) for _ in processes)
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcome = dict(results_of(processes, results, stop))
     reader, inserts = outcome["reader"], outcome["writer"]
     assert isinstance(reader, dict), reader
     assert isinstance(inserts, int), inserts
@@ -486,18 +494,7 @@ def test_concurrent_writers_never_tear_a_slot(name):
             results.put(repr(exc))
 
     processes = [ctx.Process(target=child, args=(half,)) for half in halves]
-    for process in processes:
-        process.start()
-    started.set()
-    try:
-        writers = [results.get(timeout=STRESS_SECONDS + 30) for _ in processes]
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    writers = results_of(processes, results, stop, started)
     assert all(isinstance(result, tuple) for result in writers), writers
     assert [errors for _, errors in writers] == [[], []]
     writes = [count for count, _ in writers]
