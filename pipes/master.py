@@ -506,7 +506,8 @@ class Master:
             pass
 
     def stop_children(self, graceful: bool, timeout: float) -> None:
-        """Workers first (they may still be relaying), then the capture process."""
+        """Workers first (they may still be relaying), then the captures and the metrics
+        child."""
         deadline = time.monotonic() + timeout
         for kinds in (("worker",), SERVICE_KINDS):
             self.signal_children(signal.SIGTERM if graceful else signal.SIGKILL, kinds)

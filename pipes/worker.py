@@ -7,7 +7,7 @@ signals, its own SO_REUSEPORT listener, dropped capabilities), then `serve()` lo
 Per accepted connection (see `accept_burst` and `open_flow`):
   1. the accepted socket's peer is the client C:sport, its local address the final
      destination S:dport (TPROXY kept it);
-  2. the SRH comes from the shared table filled by the capture process, or, on a miss,
+  2. the SRH comes from the shared table filled by the capture processes, or, on a miss,
      from TCP_SAVED_SYN (the kernel's copy of the SYN headers);
   3. this proxy's segment is decoded into function + parameters (functions.py: built-ins and
      the functions of loaded modules, vfmodules.py);
