@@ -195,17 +195,12 @@ class SynCapture:
 
     def _on_packet(self, packet) -> None:
         """netfilterqueue callback. Must not raise (netfilterqueue would lose the error and
-        the packet its verdict). Once the queue is bound, a plain accept is deferred to the
-        batch (send_verdicts); drops and marked accepts go at once, one by one."""
+        the packet its verdict). Once the queue is bound, an accept is deferred to the batch
+        (send_verdicts), unless the SYN may carry a mark (return routes: a batch verdict
+        sets none); drops go at once."""
         outcome = "errors"
-        marked = []
-
-        def set_mark(mark: int) -> None:
-            packet.set_mark(mark)
-            marked.append(mark)
-
         try:
-            outcome = self.handle_payload(packet.get_payload(), set_mark)
+            outcome = self.handle_payload(packet.get_payload(), packet.set_mark)
         except Exception as exc:  # noqa: BLE001
             self.table.count("errors")
             self.rlog.error("callback", "SYN capture callback failed: %r", exc)
@@ -213,8 +208,9 @@ class SynCapture:
             try:
                 if outcome in DROPPED:
                     packet.drop()
-                elif self._verdicts is not None and not marked:
-                    self._verdicts.defer(packet.id)
+                elif self._verdicts is not None and self.return_routes is None:
+                    if self._verdicts.defer(packet.id):
+                        self.send_verdicts()
                 else:
                     packet.accept()
             except Exception as exc:  # noqa: BLE001 - verdict already given / queue gone
@@ -267,7 +263,7 @@ class SynCapture:
         # batches (run_socket), so the stop flag is checked even under a SYN flood.
         self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
         self._sock.setblocking(False)
-        self._verdicts = _VerdictBatch(self._sock, self.queue_num, self.send_verdicts)
+        self._verdicts = _VerdictBatch(self._sock, self.queue_num)
         try:
             self.reaper = TimeWaitReaper()
         except OSError as exc:  # no sock_diag: short connections may stall on port reuse
@@ -336,9 +332,8 @@ class _VerdictBatch:
     NFQA_VERDICT_HDR = 2
     NF_ACCEPT = 1
 
-    def __init__(self, sock: socket.socket, queue_num: int, flush: Callable[[], None]):
+    def __init__(self, sock: socket.socket, queue_num: int):
         self.sock = sock
-        self.flush = flush
         self.head = struct.pack("=IHHII", 32, self.NFNL_SUBSYS_QUEUE << 8
                                 | self.NFQNL_MSG_VERDICT_BATCH, self.NLM_F_REQUEST, 0, 0) \
             + struct.pack(">BBH", socket.AF_UNSPEC, 0, queue_num) \
@@ -346,11 +341,11 @@ class _VerdictBatch:
         self.last_id: Optional[int] = None
         self.count = 0
 
-    def defer(self, packet_id: int) -> None:
+    def defer(self, packet_id: int) -> bool:
+        """Owes packet_id an accept; True when the batch is full (send it now)."""
         self.last_id = packet_id
         self.count += 1
-        if self.count >= VERDICT_BATCH:
-            self.flush()
+        return self.count >= VERDICT_BATCH
 
     def send(self) -> bool:
         """Sends the batch; False when no verdict was owed."""

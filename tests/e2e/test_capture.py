@@ -97,6 +97,9 @@ class FakePacket:
             raise self.error
         return self.payload
 
+    def set_mark(self, mark):
+        self.mark = mark
+
     def accept(self):
         self.verdicts.append("accept")
 
@@ -122,9 +125,6 @@ class VerdictChecks(FakePacket):
     def __init__(self, payload, table, key):
         super().__init__(payload)
         self.table, self.key, self.found = table, key, []
-
-    def set_mark(self, mark):
-        self.mark = mark
 
     def accept(self):
         self.found.append(self.table.lookup(*self.key))
