@@ -169,8 +169,13 @@ COUNTERS = (
     "hmac_refused",  # capture: SRH HMAC missing (--require-hmac), unknown or wrong: dropped
     "stacked",       # capture: a binding's SRH stacked over the client's, flattened
     "verdict_batches",  # capture: batch verdicts sent (each accepts one or more SYNs)
+    "insert_busy",   # insert() gave up: other writers kept its window busy (SYN left to the
+                     # saved-SYN fallback)
 )
 COUNTER_INDEX = {counter: index for index, counter in enumerate(COUNTERS)}
+cdef enum:
+    COUNTER_INSERT_BUSY = 14   # counted in C by _insert
+assert COUNTERS[COUNTER_INSERT_BUSY] == "insert_busy"
 assert len(COUNTERS) <= SRHT_NCOUNTERS
 
 SRH_MAX = SRHT_SRH_MAX
@@ -451,25 +456,34 @@ cdef class SrhTable:
                      <uint16_t>PyBytes_GET_SIZE(data))
         return True
 
-    cdef void _insert(self, const srht_key *key, uint8_t sl, const uint8_t *srh,
+    cdef bint _insert(self, const srht_key *key, uint8_t sl, const uint8_t *srh,
                       uint16_t srh_len) noexcept nogil:
+        """Writes the entry; 0 (counted as insert_busy) when other writers kept every
+        usable slot of the window busy for MAX_READ_TRIES choices (the worker then falls
+        back to the saved SYN)."""
         cdef uint64_t now = srht_now_ms()
         cdef uint32_t base = <uint32_t>(srht_hash(key, self.seed) & self.mask)
-        cdef uint32_t i, idx, seen, target_seen = 0
-        cdef long target, free, oldest
+        cdef uint32_t i, idx, target_seen = 0
+        cdef long target = -1, free, oldest
         cdef uint64_t oldest_at, at
-        cdef bint refreshed, evicted
+        cdef bint refreshed = False, evicted = False
+        cdef int attempt
         cdef srht_entry *e
         cdef uint32_t seqs[SRHT_PROBE]
-        while True:
+        for attempt in range(MAX_READ_TRIES):
             # Choose a slot. Other writers may change slots meanwhile: what is read here is
             # only a choice, made safe by the claim below (its sequence must not have moved).
+            # A slot being written (odd sequence) is no choice: its writer may also have
+            # died mid-write, leaving it odd for good.
             target = free = oldest = -1
             oldest_at = 0xFFFFFFFFFFFFFFFF
+            refreshed = False
             for i in range(<uint32_t>SRHT_PROBE):
                 idx = (base + i) & self.mask
                 e = &self.entries[idx]
                 seqs[i] = srht_write_seen(e)
+                if seqs[i] & 1u:
+                    continue
                 at = srht_load_relaxed_u64(&e.inserted_at_ms)
                 if at == 0:
                     if free < 0:
@@ -477,25 +491,31 @@ cdef class SrhTable:
                     break  # never used: the key cannot be further on
                 if memcmp(srht_entry_key(e), key, sizeof(srht_key)) == 0:
                     target = idx
+                    # Another capture's clock read may be later than ours: at > now is live.
+                    refreshed = at >= now or now - at < self.ttl
                     break
-                if now - at >= self.ttl:
+                if at < now and now - at >= self.ttl:
                     if free < 0:
                         free = idx
                 elif at < oldest_at:
                     oldest_at = at
                     oldest = idx
-            refreshed = evicted = False
+            evicted = False
+            if target < 0:
+                if free >= 0:
+                    target = free
+                else:
+                    target = oldest
+                    evicted = True
             if target >= 0:
-                refreshed = now - srht_load_relaxed_u64(&self.entries[target].inserted_at_ms) < self.ttl
-            elif free >= 0:
-                target = free
-            else:
-                target = oldest
-                evicted = True
-            target_seen = seqs[(<uint32_t>target - base) & self.mask]
-            if srht_write_claim(&self.entries[target], target_seen):
-                break
+                target_seen = seqs[(<uint32_t>target - base) & self.mask]
+                if srht_write_claim(&self.entries[target], target_seen):
+                    break
+            target = -1
             srht_cpu_relax()  # another capture wrote or is writing that slot: choose again
+        if target < 0:
+            srht_counter_add(&self.hdr.counters[COUNTER_INSERT_BUSY], 1)
+            return False
         if refreshed:
             srht_counter_add(&self.hdr.counters[1], 1)
         elif evicted:
@@ -503,6 +523,7 @@ cdef class SrhTable:
         srht_write_slot(&self.entries[target], target_seen,
                         self.srh_area + <size_t>target * SRHT_SRH_MAX, key, sl, srh, srh_len, now)
         srht_counter_add(&self.hdr.counters[0], 1)
+        return True
 
     def set_hmac(self, keys, bint require):
         """SRH HMAC for record_syn (the capture calls it once): ``keys`` maps key ids to

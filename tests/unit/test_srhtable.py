@@ -320,6 +320,53 @@ def test_layout_matches_the_documentation(table, name):
         mapped.close()
 
 
+def writable_entries(name):
+    """The segment mapped writable, as another writer (or a dead one) sees it."""
+    shm = posix_ipc.SharedMemory(f"/srv6pipes-{name}-srh")
+    mapped = mmap.mmap(shm.fd, shm.size)
+    shm.close_fd()
+    return mapped
+
+
+def test_a_slot_left_mid_write_is_skipped_and_a_busy_window_gives_up(name):
+    """A writer that died mid-write leaves its slot's sequence odd for good: inserts choose
+    other slots, and with the whole window odd one gives up (counted) instead of spinning."""
+    table = SrhTable.create(name, nslots=_srhtable.PROBE, ttl_ms=30000)
+    mapped = writable_entries(name)
+    try:
+        for index in range(_srhtable.PROBE - 1):   # all but the last slot: odd
+            struct.pack_into("=I", mapped, 256 + 64 * index, 1)
+        table.insert(CLIENT, 1, SERVER, 80, 1, SRH_A)
+        assert table.lookup(CLIENT, 1, SERVER, 80) == (1, SRH_A)
+        struct.pack_into("=I", mapped, 256 + 64 * (_srhtable.PROBE - 1), 3)
+        table.insert(CLIENT, 2, SERVER, 80, 1, SRH_B)
+        assert table.lookup(CLIENT, 2, SERVER, 80) is None
+        assert table.counters()["insert_busy"] == 1 and table.counters()["inserts"] == 1
+    finally:
+        mapped.close()
+        table.close()
+
+
+def test_an_entry_stamped_after_our_clock_read_is_live_not_expired(name):
+    """Another capture may stamp a slot with a time later than the inserting one read:
+    such an entry is live (evicted and counted if it must go), not free."""
+    table = SrhTable.create(name, nslots=_srhtable.PROBE, ttl_ms=30000)
+    for port in range(_srhtable.PROBE):
+        table.insert(CLIENT, 100 + port, SERVER, 80, 1, SRH_A)
+    mapped = writable_entries(name)
+    try:
+        future = _srhtable.now_ms() + 3_600_000
+        for index in range(_srhtable.PROBE):
+            struct.pack_into("=Q", mapped, 256 + 64 * index + 8, future)
+        table.insert(CLIENT, 1, SERVER, 80, 1, SRH_B)
+        counters = table.counters()
+        assert counters["evictions"] == 1 and counters["insert_busy"] == 0
+        assert table.lookup(CLIENT, 1, SERVER, 80) == (1, SRH_B)
+    finally:
+        mapped.close()
+        table.close()
+
+
 def test_create_replaces_a_stale_table_and_readers_follow(name):
     first = SrhTable.create(name, nslots=64)
     first.insert(CLIENT, 1, SERVER, 2, 1, SRH_A)
@@ -461,9 +508,10 @@ def test_concurrent_reader_never_sees_a_torn_entry(name):
 def shared_stress_writer(table, indexes, stop, started):
     """One of several captures writing one table (inherited over fork, as pipesd's captures
     do): its own keys, ever-growing self-checking values, each read back at once (where a
-    slot two writers took at the same time would show torn). Returns (inserts, errors)."""
+    slot two writers took at the same time would show torn). Returns (inserts, errors,
+    entries read back)."""
     started.wait(10)
-    counter = 0
+    counter = hits = 0
     errors = []
     deadline = time.monotonic() + STRESS_SECONDS
     while not stop.is_set() and time.monotonic() < deadline and len(errors) < 5:
@@ -471,9 +519,12 @@ def shared_stress_writer(table, indexes, stop, started):
             counter += 1
             table.insert(*key(index), *stress_value(index, counter))
             entry = table.lookup(*key(index))  # None: another writer evicted it since
-            if entry is not None and isinstance(check_stress_value(index, entry), str):
+            if entry is None:
+                continue
+            hits += 1
+            if isinstance(check_stress_value(index, entry), str):
                 errors.append(check_stress_value(index, entry))
-    return counter, errors
+    return counter, errors, hits
 
 
 def test_concurrent_writers_never_tear_a_slot(name):
@@ -496,9 +547,10 @@ def test_concurrent_writers_never_tear_a_slot(name):
     processes = [ctx.Process(target=child, args=(half,)) for half in halves]
     writers = results_of(processes, results, stop, started)
     assert all(isinstance(result, tuple) for result in writers), writers
-    assert [errors for _, errors in writers] == [[], []]
-    writes = [count for count, _ in writers]
+    assert [errors for _, errors, _ in writers] == [[], []]
+    writes = [count for count, _, _ in writers]
     assert min(writes) > 1000, writes
+    assert min(hits for _, _, hits in writers) > 1000, writers  # entries were read back
     assert table.counters()["inserts"] == sum(writes)
     for index in range(KEYS):
         entry = table.lookup(*key(index))
