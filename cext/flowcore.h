@@ -136,6 +136,21 @@
 #define FC_WHY_EOF_LEFT 5   /* at EOF it will not take the input left: bytes would be lost */
 #define FC_WHY_STALLED 6    /* a full input buffer it will not consume */
 
+/* The words for each FC_WHY_* (FlowError messages, test drivers); NULL for FC_WHY_NONE. */
+static inline const char *fc_why_text(int why)
+{
+    switch (why) {
+    case FC_WHY_ASKED: return "process reset the flow";
+    case FC_WHY_FAILED: return "process failed (PIPES_VF_ERROR)";
+    case FC_WHY_RESULT: return "process returned a result out of range (output beyond "
+                               "out_cap, or consumed more than offered)";
+    case FC_WHY_INPLACE: return "an INPLACE process did not return and consume its length";
+    case FC_WHY_EOF_LEFT: return "at EOF process will not take the input left";
+    case FC_WHY_STALLED: return "process stalls on a full input buffer";
+    default: return NULL;
+    }
+}
+
 /* fc_round's other results. */
 #define FC_IDLE 0       /* nothing progressed: wait for events */
 #define FC_AGAIN_ROUND 1

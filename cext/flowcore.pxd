@@ -107,6 +107,7 @@ cdef extern from "flowcore.h" nogil:
     bint fc_wants_so_error(const fc_flow *f, int side)
     int fc_event(fc_flow *f, int side, int ev, int so_error)
     bint fc_end(fc_flow *f)
+    const char *fc_why_text(int why)
     bint fc_pipe_reusable(const fc_flow *f, int d)
     void fc_begin(fc_step *s)
     int fc_next(fc_flow *f, int d, fc_step *s, fc_op *op)

@@ -43,13 +43,6 @@ EV_NOTHING, EV_PUMP, EV_CONNECT_FAILED, EV_RESET = (FC_EV_NOTHING, FC_EV_PUMP,
                                                      FC_EV_CONNECT_FAILED, FC_EV_RESET)
 PROCESS_RESET, PROCESS_ERROR = PIPES_VF_RESET, PIPES_VF_ERROR   # process() results
 STREAMER_READS, BOUNCE_SIZE = FC_STREAMER_READS, FC_BOUNCE_SIZE
-WHY = {FC_WHY_NONE: None, FC_WHY_ASKED: "the function asked for a reset",
-       FC_WHY_FAILED: "process failed (PIPES_VF_ERROR)",
-       FC_WHY_RESULT: "a result out of range (output beyond out_cap, or consumed more than "
-                      "offered)",
-       FC_WHY_INPLACE: "an INPLACE call did not return and consume its length",
-       FC_WHY_EOF_LEFT: "at EOF the function will not take the input left",
-       FC_WHY_STALLED: "the function stalls on a full input buffer"}
 OP_NAMES = {FC_RECV: "RECV", FC_SEND: "SEND", FC_PROCESS: "PROCESS", FC_GET_PIPE: "GET_PIPE",
             FC_SPLICE_OUT: "SPLICE_OUT", FC_SPLICE_IN: "SPLICE_IN", FC_BOUNCE: "BOUNCE",
             FC_SHUTDOWN: "SHUTDOWN"}
@@ -114,7 +107,8 @@ cdef class FlowCore:
     @property
     def why(self):
         """Why the function's flow is reset (text), or None."""
-        return WHY[self.core.why]
+        text = fc_why_text(self.core.why)
+        return None if text == NULL else text.decode()
 
     @property
     def use_pipes(self):

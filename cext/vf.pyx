@@ -30,9 +30,8 @@ from posix.dlfcn cimport RTLD_LOCAL, RTLD_NOW, dlclose, dlerror, dlopen, dlsym
 from srv6pipes_vf cimport (PIPES_VF_ABI, PIPES_VF_EOF, PIPES_VF_ERROR, PIPES_VF_INPLACE,
                            PIPES_VF_RESET, pipes_flow_info, pipes_func_desc)
 from flowcore cimport (fc_flow, fc_dir, fc_op, fc_step, fc_init, fc_set_buffers, fc_begin,
-                       fc_next, fc_done, FC_INPLACE, FC_STREAM, FC_END, FC_RECV, FC_SEND,
-                       FC_PROCESS, FC_SHUTDOWN, FC_AGAIN, FC_FAILED, FC_VF_RESET, FC_WHY_NONE,
-                       FC_WHY_ASKED, FC_WHY_FAILED, FC_WHY_RESULT, FC_WHY_INPLACE,
+                       fc_next, fc_done, fc_why_text, FC_INPLACE, FC_STREAM, FC_END, FC_RECV,
+                       FC_SEND, FC_PROCESS, FC_SHUTDOWN, FC_AGAIN, FC_FAILED, FC_VF_RESET,
                        FC_WHY_EOF_LEFT, FC_WHY_STALLED)
 
 import ipaddress
@@ -88,16 +87,6 @@ class FlowReset(Exception):
 
 class FlowError(Exception):
     """The function failed (PIPES_VF_ERROR) or broke the streaming contract."""
-
-
-# The flow core's reasons for resetting a function's flow (fc_flow.why), as FlowError text.
-WHY = {FC_WHY_NONE: "reset", FC_WHY_ASKED: "process reset the flow",
-       FC_WHY_FAILED: "process failed (PIPES_VF_ERROR)",
-       FC_WHY_RESULT: "process returned a result out of range (output beyond out_cap, or "
-                      "consumed more than offered)",
-       FC_WHY_INPLACE: "an INPLACE process did not return and consume its length",
-       FC_WHY_EOF_LEFT: "at EOF process will not take the input left",
-       FC_WHY_STALLED: "process stalls on a full input buffer"}
 
 
 cdef dict describe(const pipes_func_desc *desc):
@@ -562,7 +551,8 @@ cdef class FunctionDriver:
                     raise FlowReset(f"{self.name}: process reset the flow")
                 if reason < 0:
                     self.broken = True
-                    why = WHY[self.core.why]
+                    text = fc_why_text(self.core.why)
+                    why = "reset" if text == NULL else text.decode()
                     if self.core.why == FC_WHY_EOF_LEFT:
                         why = f"{why}: the last {self.core.dir[d].pending} bytes"
                     elif self.core.why == FC_WHY_STALLED:

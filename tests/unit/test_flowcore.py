@@ -593,18 +593,19 @@ def test_a_reset_flows_dirty_pipe_is_not_reusable():
     assert core.end() and not core.end()
 
 
-@pytest.mark.parametrize("outcome, why", [
-    ((fc.PROCESS_RESET, b"", 0), "asked"),
-    ((fc.PROCESS_ERROR, b"", 0), "PIPES_VF_ERROR"),
-    ((9, b"123456789", 0), "out of range"),
+@pytest.mark.parametrize("outcome, expected, why", [
+    ((fc.PROCESS_RESET, b"", 0), fc.VF_RESET, "reset the flow"),
+    ((fc.PROCESS_ERROR, b"", 0), fc.VF_ERROR, "PIPES_VF_ERROR"),
+    ((9, b"123456789", 0), fc.VF_ERROR, "out of range"),
 ])
-def test_function_results_that_reset_the_flow(outcome, why):
+def test_function_results_that_reset_the_flow(outcome, expected, why):
     core = fc.FlowCore(fc.STREAM, 8, 8)
 
     def perform(op):
         return (3, b"abc") if op.kind == fc.RECV else outcome
     reason = drive(core, 0, perform)
     assert reason in (fc.VF_RESET, fc.VF_ERROR) and why in core.why
+    assert reason == expected  # the relay counts vf_resets / vf_errors from it
     assert core.round(reason, 0) == reason
 
 
