@@ -254,7 +254,6 @@ class Worker:
 
         prctl.set_name(f"pipesd w{self.index}")
         prctl.set_proctitle(f"pipesd: worker {self.index} [{self.config.name}]")
-        prctl.set_pdeathsig(signal.SIGTERM)
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
         signal.signal(signal.SIGTERM, self.handle_stop)
@@ -398,11 +397,12 @@ class Worker:
         if not self.go_onward(flow):
             self.park(flow)
 
-    def go_onward(self, flow: "PendingFlow") -> bool:
+    def go_onward(self, flow: "PendingFlow", waited: bool = False) -> bool:
         """Steps 4 and 5: the onward connection (onward.py), then the relay owns both
-        descriptors, whatever add_flow does. False when the onward 4-tuple is still held
-        by a closing connection (the caller parks the flow); on any other failure the
-        client is reset (and True: the flow is finished with)."""
+        descriptors, whatever add_flow does (a flow that `waited` parked is then counted
+        as onward_waited). False when the onward 4-tuple is still held by a closing
+        connection (the caller parks the flow); on any other failure the client is reset
+        (and True: the flow is finished with)."""
         route = flow.route
         try:
             server = onward.connect(flow.client_addr, flow.client_port, flow.dest_addr,
@@ -420,6 +420,8 @@ class Worker:
                                 function.python, route.params, addresses)
         else:
             self.relay.add_flow(flow.client, server, function.slot)
+        if waited:
+            self.stats.add("onward_waited")
         return True
 
     def give_up(self, client: int, client_addr: bytes, client_port: int, exc: OSError) -> None:
@@ -449,9 +451,9 @@ class Worker:
         now = time.monotonic()
         waiting = []
         for deadline, flow in self.parked:
-            if self.go_onward(flow):
-                self.stats.add("onward_waited")
-            elif now < deadline:
+            if self.go_onward(flow, waited=True):
+                continue
+            if now < deadline:
                 waiting.append((deadline, flow))
             else:
                 self.give_up(flow.client, flow.client_addr, flow.client_port,
