@@ -382,9 +382,17 @@ class Master:
 
     # -- children --------------------------------------------------------------------
     def fork(self, child: Child, body) -> int:
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
+                import prctl
+
+                # Every child goes when the master does (kill -9 included): a metrics child
+                # left behind would keep its port, a worker its listener.
+                prctl.set_pdeathsig(signal.SIGTERM)
+                if os.getppid() != master:  # the master died before that was armed
+                    return
                 signal.set_wakeup_fd(-1)
                 for name in HANDLED_SIGNALS:
                     signal.signal(getattr(signal, name), signal.SIG_DFL)
