@@ -114,9 +114,6 @@ def pipesctl_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DAEMON_COMMANDS = ("stats", "functions", "metrics", "load", "unload", "ping", "reload")
-
-
 def pipesctl_main(argv: list[str] | None = None) -> int:
     parser = pipesctl_parser()
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import os
 import tomllib
 from typing import Any, Callable
 
-from . import addressplan, system
+from . import _srhtable, addressplan, srh, system
 from .kernelsetup import RESERVED_TABLES, kernel_range
 
 
@@ -65,12 +65,12 @@ def _seconds(value: Any) -> float:
     return number
 
 
-_port = _int_range(1, 65535)
+_port = _int_range(*kernel_range("port"))
 
 # Limits that are not the kernel's (those come from kernelsetup.kernel_range):
 MAX_WORKERS = 128          # a reload runs two generations in master.STATS_REGIONS (256)
-MAX_TABLE_SLOTS = 1 << 22  # _srhtable.MAX_SLOTS (4 Mi slots = 4.25 GiB)
-MAX_SEGMENTS = 127         # an SRH's length byte counts 8-byte units: at most 127 segments
+MAX_TABLE_SLOTS = _srhtable.MAX_SLOTS  # 4 Mi slots = 4.25 GiB
+MAX_SEGMENTS = srh.MAX_SEGMENTS        # what the SRH parser accepts
 
 
 def _keepalive(value: Any) -> tuple[int, int, int]:
@@ -386,7 +386,8 @@ def build_config(cli_values: dict[str, Any]) -> Config:
     last_queue = values["queue_num"] + values["captures"] - 1
     if last_queue > kernel_range("queue_num")[1]:
         raise ConfigError(f"{where['queue_num']}, {where['captures']}: queues "
-                          f"{values['queue_num']}-{last_queue} end past 65535")
+                          f"{values['queue_num']}-{last_queue} end past "
+                          f"{kernel_range('queue_num')[1]}")
     try:
         addressplan.AddressPlan(values["locator"], values["function_bits"], values["param_bits"])
     except addressplan.AddressError as exc:

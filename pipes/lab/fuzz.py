@@ -14,6 +14,8 @@ import struct
 import time
 from ipaddress import IPv6Address
 
+from ..srh import IPPROTO_ROUTING
+
 # Requests the control socket knows, and two it must refuse (a list as command, an id).
 # No reload: one byte off it would really reload.
 VALID_REQUESTS = [b'{"cmd":"ping"}', b'{"cmd":"functions"}', b'{"cmd":"unload","module":"none"}',
@@ -71,7 +73,6 @@ def control_batch(host, control_path: str, messages: list[bytes], timeout: float
 
 
 # -- SYNs with malformed SRHs -----------------------------------------------------------------
-IPPROTO_ROUTING = 43
 
 
 def _checksum(data: bytes) -> int:

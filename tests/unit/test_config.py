@@ -45,7 +45,7 @@ def test_defaults_build_and_match_the_kernel_defaults():
     ("--port", "port", "0", "1-65535"),
     ("--workers", "workers", "abc", "integer"),
     ("--workers", "workers", "1000", "1-128"),
-    ("--max-segments", "max_segments", "200", "1-127"),
+    ("--max-segments", "max_segments", "200", "1-64"),
     ("--table-slots", "table_slots", str(1 << 23), "1-4194304"),
     ("--keepalive", "keepalive", "x", "IDLE,INTERVAL,COUNT"),
     ("--timeout-client", "timeout_client", "soon", "seconds"),
