@@ -224,3 +224,27 @@ def test_out_of_descriptors_resets_the_waiting_connection_and_keeps_the_spare():
     assert outcome == "reset"
     assert stats == {"fd_exhausted": 1}
     assert spare_back and flows == []
+
+
+def test_a_parked_flow_whose_onward_connect_then_fails_counts_as_failed(monkeypatch):
+    """The onward tuple is busy (the flow parks), then the connect fails outright: the
+    client is reset and counted once, as onward_failed, not as onward_waited too."""
+    from srv6pipes import onward
+    from srv6pipes.onward import TupleBusy
+
+    answers = [TupleBusy(errno.EADDRNOTAVAIL, "busy"), OSError(errno.ECONNREFUSED, "refused")]
+
+    def fake_connect(*args):
+        raise answers.pop(0)
+    monkeypatch.setattr(onward, "connect", fake_connect)
+    worker = make_worker(table_entry(XOR))
+    with closing(listener()) as listen:
+        worker.listener = listen
+        with closing(connect(listen)) as client:
+            worker.accept_burst()
+            assert len(worker.parked) == 1
+            worker.retry_parked()
+            assert worker.parked == [] and answers == []
+            assert_reset(client)
+    assert worker.stats.values == {"accepted": 1, "table_hits": 1, "onward_failed": 1}
+
