@@ -80,7 +80,7 @@ class CaptureError(Exception):
 
 
 class SynCapture:
-    """One bound NFQUEUE queue feeding one SRH table (the table's only writer).
+    """One bound NFQUEUE queue feeding the SRH table (one of its writers, one per CPU).
 
     handle_payload() is the pure per-packet logic (no I/O but the table); bind(), serve()
     and close() own the queue.

@@ -46,7 +46,7 @@ HEARTBEAT_TIMEOUT = 10.0   # seconds without a loop turn before a worker is kill
 RESTART_BACKOFF = 1.0      # seconds between restarts of a worker that keeps dying
 BOOT_FAILURES_FATAL = 5    # consecutive boot failures after which the master gives up
 READY_TIMEOUT = 15.0       # a reload's new generation must be listening within this
-SERVICE_KINDS = ("capture", "metrics")   # children besides the workers, one of each
+SERVICE_KINDS = ("capture", "metrics")   # children besides the workers (a capture per CPU)
 HANDLED_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 READY = "ready"            # the event a worker sends once it listens
 

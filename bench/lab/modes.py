@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from srv6pipes import kernelsetup
 from srv6pipes.addressplan import AddressError, AddressPlan
 from srv6pipes.functions import FunctionRegistry, UnknownFunction
 from srv6pipes.lab.apps import wait_listening
@@ -430,7 +431,7 @@ class PipesdSavedSyn(Pipesd):
     """pipesd identity without the SYN queue: once it runs, its NFQUEUE rule is deleted, so
     no SYN crosses the capture process and every worker takes the SRH from the kernel's
     saved copy of the SYN (TCP_SAVED_SYN, the table-miss fallback; counted as
-    ``saved_syn`` in its stats). Measures what the queue costs per connection.
+    ``saved_syn_fallbacks`` in its stats). Measures what the queue costs per connection.
 
     What this path cannot do (the capture can): SYN-cookie connections have no saved SYN
     (reset); the SYN's SRH must be the packet's first extension header (the worker locates
@@ -438,21 +439,20 @@ class PipesdSavedSyn(Pipesd):
     the capture does per SYN do not happen.
     """
 
-    def __init__(self, workers=2):
+    def __init__(self, workers=None):
         super().__init__("identity", workers=workers, name="pipesd-savedsyn")
-        self.description = (f"pipesd --workers {workers} in p1 with its NFQUEUE rule deleted "
-                            "(workers read TCP_SAVED_SYN), client SRH [identity @p1, s]")
+        self.description += "; its NFQUEUE rule deleted (workers read TCP_SAVED_SYN)"
 
     def start(self, lab):
         super().start(lab)
         host = lab.tb.hosts[self.host]
-        comment = f"srv6pipes:{self.daemon_name}"
-        for table in ("raw", "mangle"):
+        comment = kernelsetup.COMMENT_PREFIX + self.daemon_name
+        for table in (kernelsetup.IP6TABLES_TABLE, *kernelsetup.IP6TABLES_OLD_TABLES):
             rules = host.run(["ip6tables-legacy-save", "-t", table], check=False).stdout
             for line in rules.splitlines():
                 if line.startswith("-A ") and comment in line and "NFQUEUE" in line:
-                    host.run(["ip6tables-legacy", "-w", "10", "-t", table, "-D",
-                              *shlex.split(line)[1:]])
+                    host.run([kernelsetup.IP6TABLES, *kernelsetup.IP6TABLES_WAIT, "-t", table,
+                              "-D", *shlex.split(line)[1:]])
                     return
         raise ModeUnavailable(f"no NFQUEUE rule commented {comment} to delete")
 

@@ -17,6 +17,7 @@ namespaces share 2 cores, so the placement decides what a ratio means:
 """
 from dataclasses import asdict, dataclass
 
+from .cost import cpu_names
 
 @dataclass(frozen=True)
 class Pinning:
@@ -29,11 +30,7 @@ class Pinning:
     @staticmethod
     def cpu_count(cpus: str) -> int:
         """How many CPUs a taskset list ("1", "0,2", "0-3") names."""
-        count = 0
-        for part in cpus.split(","):
-            low, _, high = part.partition("-")
-            count += int(high or low) - int(low) + 1
-        return count
+        return len(cpu_names(cpus))
 
     @staticmethod
     def taskset(cpus):
