@@ -144,7 +144,7 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 
 	if (!real_getaddrinfo)
 		real_getaddrinfo = dlsym(RTLD_NEXT, "getaddrinfo");
-	if (node && (!hints || hints->ai_family == AF_UNSPEC || hints->ai_family == AF_INET6)) {
+	if (node) {
 		pthread_mutex_lock(&routes_lock);
 		refresh_routes();
 		for (i = 0; i < route_count; i++)
@@ -156,6 +156,10 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 	}
 	if (!address[0])
 		return real_getaddrinfo(node, service, hints, res);
+	/* A listed name is reached through its chain, which is IPv6: asked for another family,
+	 * it has no address (fail closed), rather than the resolver's, without the chain. */
+	if (hints && hints->ai_family != AF_UNSPEC && hints->ai_family != AF_INET6)
+		return EAI_NONAME;
 	/* The controller's answer, through the real resolver's numeric path so the result is
 	 * the library's own allocation (freeaddrinfo stays correct). */
 	memset(&numeric, 0, sizeof(numeric));
@@ -176,8 +180,7 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 	if (!real_connect)
 		real_connect = dlsym(RTLD_NEXT, "connect");
-	if (!addr || len < sizeof(*sin6) || addr->sa_family != AF_INET6 ||
-	    getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 || type != SOCK_STREAM)
+	if (!addr || len < sizeof(*sin6) || addr->sa_family != AF_INET6)
 		return real_connect(fd, addr, len);
 	pthread_mutex_lock(&routes_lock);
 	refresh_routes();
@@ -190,7 +193,9 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
 			break;
 		}
 	pthread_mutex_unlock(&routes_lock);
-	if (found) {
+	/* Only TCP takes the SRH (the socket type is asked only for a listed address). */
+	if (found && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) == 0 &&
+	    type == SOCK_STREAM) {
 		if (setsockopt(fd, IPPROTO_IPV6, IPV6_RTHDR, srh, (socklen_t)srh_len) != 0)
 			return -1; /* errno from setsockopt: fail closed */
 		if (mss > 0 && setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof(mss)) != 0)

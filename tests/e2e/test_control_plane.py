@@ -385,6 +385,8 @@ def test_pipes_run_steers_curl_without_privileges(lab, tmp_path):
         return sum(proxy.stats()["totals"]["functions"].get("compress", {}).get(
             "flows_started", 0) for proxy in lab.proxies.values())
 
+    capabilities = c1.run([*unprivileged, "grep", "^CapEff", "/proc/self/status"]).stdout
+    assert capabilities.split()[1] == "0" * 16, capabilities
     try:
         before = compressed_flows()
         fetched = c1.run(["sh", "-c", f"{' '.join(run)} --via compress,decompress "
