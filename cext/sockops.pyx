@@ -19,17 +19,17 @@ Addresses are IPv6 only (the transparent listener is AF_INET6; IPv4 clients arri
 IPv4-mapped addresses). Flow label and scope id are left 0, as the worker always did.
 """
 from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EBADF, EADDRINUSE
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import os
 
-from csystem cimport (socklen_t, sa_family_t, sockaddr, linger, AF_INET6, SOCK_STREAM,
+from csystem cimport (socklen_t, sockaddr, linger, AF_INET6, SOCK_STREAM,
                       SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR, SO_REUSEPORT,
                       SO_LINGER, socket, accept4, getsockname, setsockopt, getsockopt, bind,
-                      connect, in6_addr, sockaddr_in6, IPPROTO_IPV6, IPPROTO_TCP, htons,
+                      connect, sockaddr_in6, IPPROTO_IPV6, IPPROTO_TCP, htons,
                       ntohs, TCP_NODELAY, IPV6_RTHDR, IPV6_TRANSPARENT, TCP_SAVE_SYN,
                       TCP_SAVED_SYN, SO_NETNS_COOKIE)
 

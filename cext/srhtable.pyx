@@ -39,7 +39,7 @@ one move to the new one on their next lookup (`reattaches`).
 """
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport errno
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
@@ -113,8 +113,6 @@ cdef extern from "srhtable_impl.h" nogil:
     int srht_read_slot(const srht_entry *e, const uint8_t *srh_area, const srht_key *key,
                        srht_entry *out, uint8_t *srh_out, int max_tries, int *retries)
 
-cdef extern from "<string.h>" nogil:
-    int memcmp(const void *a, const void *b, size_t n)
 
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void *addr, size_t length, int advice)

@@ -28,7 +28,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import os
 
-from csystem cimport send, recv, htons
+from csystem cimport send, recv, htons, AF_INET6, IPPROTO_TCP
 
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
@@ -40,8 +40,6 @@ cdef enum:
     NLM_F_ACK = 0x4
     NLMSG_ERROR = 2
     MSG_SOCK_DIAG_BY_FAMILY = 20
-    AF_INET6_VALUE = 10
-    IPPROTO_TCP_VALUE = 6
     TCP_TIME_WAIT_STATE = 6
     REPLY_BUFFER = 8192
 
@@ -86,8 +84,8 @@ def ask(int fd, int kind, bytes local, int local_port, bytes remote, int remote_
     _put_u16(request + 4, <uint16_t>kind)
     _put_u16(request + 6, NLM_F_REQUEST | NLM_F_ACK)
     _put_u32(request + 8, seq)
-    body[0] = AF_INET6_VALUE
-    body[1] = IPPROTO_TCP_VALUE
+    body[0] = AF_INET6
+    body[1] = IPPROTO_TCP
     _put_u32(body + 4, 1u << TCP_TIME_WAIT_STATE)
     _put_u16(body + 8, htons(<uint16_t>local_port))     # ports in network order
     _put_u16(body + 10, htons(<uint16_t>remote_port))

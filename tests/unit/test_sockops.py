@@ -15,12 +15,11 @@ import pytest
 
 from srv6pipes import _sockops
 from srv6pipes.srh import SRH
-from srv6pipes.system import IPV6_RTHDR
+from srv6pipes.system import IPV6_RTHDR, TCP_SAVE_SYN
 
 from tests.support.loopback import free_port, open_descriptors
 
 LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1")
-TCP_SAVE_SYN = 27
 TIMEOUT = 5.0
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
