@@ -208,19 +208,7 @@ class FlowPlaybook(RuleBasedStateMachine):
         assert self.peers[last[0]].fin_by == "shutdown", "the first FIN was not a shutdown"
 
     def step(self, d):
-        core = self.core
-        core.begin(d)
-        while (op := core.next(d)) is not None:
-            outcome = self.perform(d, op)
-            if op.kind == fc.PROCESS:
-                reason = core.done(d, outcome[0], outcome[1], outcome[2])
-            elif op.kind == fc.RECV and outcome[0] > 0:
-                reason = core.done(d, outcome[0], outcome[1])
-            else:
-                reason = core.done(d, outcome[0])
-            if reason:
-                return reason
-        return int(core.progress(d))
+        return drive(self.core, d, lambda op: self.perform(d, op))
 
     def end(self, how):
         first = self.core.end()
@@ -248,6 +236,11 @@ class FlowPlaybook(RuleBasedStateMachine):
                 self.end("closed")
                 return
             if verdict < 0:
+                # Only a peer's reset or the function's asking resets a flow here: the
+                # model's peers and function never break the contract otherwise.
+                assert (verdict == fc.SOCKET_ERROR and any(p.reset for p in self.peers)) or \
+                    (verdict == fc.VF_RESET and self.function.reset_next), \
+                    (verdict, self.core.why)
                 self.last_reason = verdict
                 self.end("reset")
                 return
@@ -582,15 +575,42 @@ def test_no_pipe_keeps_both_directions_on_the_buffer_path():
         raise AssertionError(op)
     bulk_reads(core, answer)
     assert not core.use_pipes and core.direction(0)["path"] == fc.PATH_BUFFER
+    # Direction 1 then never asks for a pipe either.
+    seen = []
+
+    def perform(op):
+        seen.append(op.name)
+        if op.kind == fc.RECV:
+            return (16, b"x" * 16) if seen.count("RECV") % 2 else (fc.AGAIN,)
+        return answer(op)
+    for _ in range(6):
+        core.event(1, readable=True)
+        drive(core, 1, perform)
+    assert "GET_PIPE" not in seen and core.direction(1)["path"] == fc.PATH_BUFFER
 
 
 def test_a_reset_flows_dirty_pipe_is_not_reusable():
     core = fc.FlowCore(fc.IDENTITY, 16)
-    bulk_reads(core, lambda op: {fc.SEND: (16,), fc.GET_PIPE: (64,), fc.SPLICE_IN: (40,),
+    bulk_reads(core, lambda op: {fc.SEND: (16,), fc.GET_PIPE: (64,),
+                                 fc.SPLICE_IN: (min(40, op.size),),
                                  fc.SPLICE_OUT: (fc.AGAIN,)}[op.kind])
-    assert core.direction(0)["pending"] > 0
+    assert core.direction(0)["path"] == fc.PATH_PIPE
+    assert 0 < core.direction(0)["pending"] <= 64
     assert not core.pipe_reusable(0)
     assert core.end() and not core.end()
+
+
+def test_a_drained_pipe_is_reusable():
+    core = fc.FlowCore(fc.IDENTITY, 16)
+    bulk_reads(core, lambda op: {fc.SEND: (16,), fc.GET_PIPE: (64,),
+                                 fc.SPLICE_IN: (min(40, op.size),),
+                                 fc.SPLICE_OUT: (op.size,)}[op.kind])
+    assert core.direction(0)["path"] == fc.PATH_PIPE and not core.pipe_reusable(0)
+    # The destination takes what the pipe still holds; the source has nothing more.
+    core.event(1, writable=True)
+    drive(core, 0, lambda op: {fc.SPLICE_IN: (fc.AGAIN,), fc.RECV: (fc.AGAIN,),
+                               fc.SPLICE_OUT: (op.size,)}[op.kind])
+    assert core.direction(0)["pending"] == 0 and core.pipe_reusable(0)
 
 
 @pytest.mark.parametrize("outcome, expected, why", [
