@@ -135,11 +135,19 @@ class VerdictChecks(FakePacket):
     ("C", SRH((SERVER, P1))),
     ("Python", SRH((SERVER, P1), tlvs=(TLV(RETURN_PATH_TLV, P1.packed + CLIENT.packed),))),
 ])
-def test_the_table_entry_precedes_the_verdict(table, path, srh):
+def test_the_table_entry_precedes_the_verdict(table, path, srh, monkeypatch):
     """The SRH is in the table before the SYN is let go (the saved-SYN fallback would hide
     an entry written after it), on the C fast path and on the Python path."""
+    parsed = []
+
+    def find_srh(payload):
+        parsed.append(payload)
+        return real_find_srh(payload)
+    real_find_srh = capture.find_srh
+    monkeypatch.setattr(capture, "find_srh", find_srh)
     packet = VerdictChecks(syn_with_srh(srh, sport=4321), table, (CLIENT, 4321, SERVER, 80))
     capture.SynCapture(table, 0)._on_packet(packet)
+    assert len(parsed) == (path == "Python")   # the path the case names was taken
     assert packet.verdicts == ["accept"]
     assert packet.found == [(1, srh.to_bytes())]
     assert table_counts(table)["inserts"] == 1

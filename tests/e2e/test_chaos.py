@@ -24,10 +24,6 @@ from tests.e2e.e2ekit import (DOWNLOAD_PORT, download_block, identity_address, n
 pytestmark = pytest.mark.e2e
 
 
-
-
-
-
 class Download:
     """One client downloading `size` bytes from DOWNLOAD_PORT through P1, slowly enough to be
     cut mid-way. Records how it ended: 'complete', 'reset', or 'truncated' (a clean EOF

@@ -22,10 +22,6 @@ from tests.e2e.e2ekit import (ECHO_PORT, connection_outcome, identity_address, k
 pytestmark = pytest.mark.e2e
 
 
-
-
-
-
 def test_no_kernel_state_left_after_sigterm(line):
     tb, lab = line
     p1 = tb.hosts["p1"]

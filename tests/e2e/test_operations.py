@@ -27,9 +27,6 @@ PIPESCTL = [sys.executable, "-c", "import sys; from srv6pipes.cli import pipesct
             "sys.exit(pipesctl_main(sys.argv[1:]))"]
 
 
-
-
-
 def syn_retransmissions(host) -> int:
     """The namespace's TcpExt TCPSynRetrans: SYNs a client had to send again."""
     lines = [line.split() for line in host.run(["cat", "/proc/net/netstat"]).stdout.splitlines()
@@ -221,15 +218,7 @@ def test_pipesctl_tables_json_and_prometheus_metrics(line):
         port = 9469
         server = p1.popen([*ctl, "serve-metrics", "--listen", f"[::1]:{port}"])
         try:
-            with p1.enter():
-                def scrape():
-                    try:
-                        with urllib.request.urlopen(f"http://[::1]:{port}/metrics",
-                                                    timeout=5) as response:
-                            return response.read().decode()
-                    except OSError:
-                        return None
-                scraped = wait_for(scrape, 10)
+            scraped = wait_for(lambda: scrape(p1, f"http://[::1]:{port}/metrics"), 10)
             assert scraped and "srv6pipes_function_bytes_total" in scraped
         finally:
             server.terminate()
@@ -271,9 +260,13 @@ def test_pipesd_metrics_listen_serves_prometheus_and_follows_reloads(line, tmp_p
         config.write_text("")
         proxy.ctl("reload")
         assert wait_for(lambda: scrape(p1, "http://[::1]:9471/metrics") is None, 10)
+        config.write_text('metrics_listen = "[::1]:9472"\n')
+        proxy.ctl("reload")
+        assert wait_for(lambda: scrape(p1, "http://[::1]:9472/metrics"), 10)
     finally:
         proxy.stop()
     assert scrape(p1, "http://[::1]:9470/metrics") is None
+    assert scrape(p1, "http://[::1]:9472/metrics") is None   # the metrics child went too
 
 
 def test_pipesctl_without_a_daemon_names_the_socket_and_the_hint(line):

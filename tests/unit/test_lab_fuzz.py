@@ -37,10 +37,22 @@ def test_malformed_syns_are_whole_ipv6_packets_with_srhs_the_codec_mostly_refuse
     assert refused > 10_000
 
 
+def ones_complement_sum(data: bytes) -> int:
+    """RFC 1071, written here independently of the fuzzer's."""
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
 def test_tcp_syn_checksum_covers_the_final_destination():
     syn = fuzz.tcp_syn(CLIENT, SERVER, 40000, 80, 7)
     pseudo = CLIENT.packed + SERVER.packed + struct.pack("!I3xB", len(syn), 6)
     assert fuzz._checksum(pseudo + syn) == 0
+    stored = struct.unpack_from("!H", syn, 16)[0]
+    unsummed = syn[:16] + b"\0\0" + syn[18:]
+    assert stored != 0 and stored == 0xFFFF - ones_complement_sum(pseudo + unsummed)
 
 
 def test_paced_yields_every_index():

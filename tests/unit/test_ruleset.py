@@ -50,11 +50,13 @@ def test_the_table_is_replaced_atomically():
                          "table inet srv6pipes_x {"]
 
 
-@pytest.mark.parametrize("bad", [dict(name="no spaces"), dict(port=0), dict(table=254),
-                                 dict(rule_priority=40000), dict(fwmark=0),
-                                 dict(queue_count=0), dict(queue_num=65535, queue_count=2)])
-def test_bad_configs_are_refused_before_rendering(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, named", [
+    (dict(name="no spaces"), "instance name"), (dict(port=0), "port=0"),
+    (dict(table=254), "table=254"), (dict(rule_priority=40000), "rule_priority=40000"),
+    (dict(fwmark=0), "fwmark=0"), (dict(queue_count=0), "queue_count=0"),
+    (dict(queue_num=65535, queue_count=2), "queue_count=2")])
+def test_bad_configs_are_refused_before_rendering(bad, named):
+    with pytest.raises(ValueError, match=named):
         config(**bad)
 
 

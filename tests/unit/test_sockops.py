@@ -87,6 +87,18 @@ def test_accept_gives_binary_addresses_host_order_ports_and_a_ready_descriptor()
             assert accepted.recv(16) == b"ping"
 
 
+def test_accept_sets_no_option_of_its_own():
+    """TCP_NODELAY and SO_LINGER come from the listener only (one setsockopt less per
+    connection): from a plain listener, the accepted socket has neither."""
+    with closing(listener()) as listen, closing(socket.create_connection(
+            ("::1", listen.getsockname()[1]))):
+        fd = accept_when_ready(listen)[0]
+        with closing(socket.socket(fileno=fd)) as accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            assert struct.unpack("ii", accepted.getsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (0, 0)
+
+
 def test_accept_of_an_ipv4_client_gives_its_mapped_address():
     # pipesd's listener is dual-stack: IPv4 clients arrive as ::ffff:a.b.c.d.
     with closing(listener("::")) as listen, closing(socket.create_connection(
