@@ -177,6 +177,7 @@ assert COUNTERS[COUNTER_INSERT_BUSY] == "insert_busy"
 assert len(COUNTERS) <= SRHT_NCOUNTERS
 
 SRH_MAX = SRHT_SRH_MAX
+SLOT_BYTES = SRHT_ENTRY_SIZE + SRHT_SRH_MAX   # shared memory per slot (entry + SRH bytes)
 PROBE = SRHT_PROBE
 VERSION = SRHT_VERSION
 MAX_SLOTS = 1 << 22   # 4 Mi slots = 4.25 GiB of (sparse) shared memory
@@ -219,6 +220,11 @@ def now_ms():
 
 cdef inline size_t _total_size(uint32_t nslots):
     return SRHT_HEADER_SIZE + <size_t>nslots * (SRHT_ENTRY_SIZE + SRHT_SRH_MAX)
+
+
+def table_size(nslots):
+    """Bytes of shared memory a table of `nslots` slots commits."""
+    return _total_size(nslots)
 
 
 cdef int _addr16(object addr, uint8_t *out) except -1:

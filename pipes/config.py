@@ -199,8 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rule_priority", "--rule-priority", 100, _int_range(*kernel_range("rule_priority")),
             "priority of the fwmark rule (off-path return rules take the two below it)", "PRIO"),
     Setting("table_slots", "--table-slots", 65536, _int_range(1, MAX_TABLE_SLOTS),
-            "slots of the shared-memory SRH table (1088 bytes each, committed at start: "
-            "the default takes 68 MiB)", "N"),
+            f"slots of the shared-memory SRH table ({_srhtable.SLOT_BYTES} bytes each, "
+            "committed at start: the default takes 68 MiB)", "N"),
     Setting("table_ttl_ms", "--table-ttl-ms", 30000, _int_range(1, 3_600_000),
             "age after which an SRH table entry is stale", "MS"),
     Setting("return_mode", "--return-mode", "on-path", _choice("on-path", "reverse", "tlv"),

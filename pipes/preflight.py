@@ -32,7 +32,6 @@ from typing import Callable, Iterator
 from . import kernelsetup, system
 from .config import Config
 
-SRH_TABLE_SLOT_BYTES = 1088     # _srhtable: 64 bytes of entry + 1024 of SRH per slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +260,9 @@ def check_resources(config: Config) -> Iterator[Finding]:
             yield Finding("resources", False, f"--metrics-listen [{host}]:{port}: {exc.strerror}")
         finally:
             probe.close()
-    needed = config.table_slots * SRH_TABLE_SLOT_BYTES
+    from . import _srhtable
+
+    needed = _srhtable.table_size(config.table_slots)
     try:
         shm = os.statvfs("/dev/shm")
     except OSError as exc:
@@ -270,7 +271,7 @@ def check_resources(config: Config) -> Iterator[Finding]:
     free = shm.f_bavail * shm.f_frsize
     yield Finding("resources", free >= needed,
                   f"/dev/shm has {free >> 20} MiB free, the SRH table takes {needed >> 20} MiB "
-                  "(--table-slots x 1088 bytes)")
+                  f"(--table-slots x {_srhtable.SLOT_BYTES} bytes)")
 
 
 CHECKS: tuple[Callable[[Config], Iterator[Finding]], ...] = (
