@@ -99,26 +99,26 @@ class build_ext_with_vf_modules(build_ext):
         if self.inplace:
             targets.append(os.path.join(HERE, "kernel"))
         build_bpf_programs(targets)
-        build_py = self.get_finalized_command("build_py")
         for source in sorted(glob.glob(os.path.join("cext", "examples", "*.c"))):
             name = os.path.splitext(os.path.basename(source))[0] + ".so"
-            target = os.path.join(self.build_lib, "srv6pipes", "modules", name)
-            objects = self.compiler.compile([source], output_dir=self.build_temp,
-                                            include_dirs=["cext"], extra_postargs=["-O2"])
-            self.compiler.link_shared_object(objects, target)
-            if self.inplace:
-                self.copy_file(target, os.path.join(
-                    build_py.get_package_dir("srv6pipes.modules"), name))
+            self.build_shared_object(source, "srv6pipes.modules", name, include_dirs=["cext"])
         # The LD_PRELOAD library of pipes-run (srv6pipes/preload.py): a plain shared object
         # too, loaded into other programs, never imported.
-        source = os.path.join("cext", "preload", "srv6pipes_preload.c")
-        target = os.path.join(self.build_lib, "srv6pipes", "srv6pipes_preload.so")
+        self.build_shared_object(os.path.join("cext", "preload", "srv6pipes_preload.c"),
+                                 "srv6pipes", "srv6pipes_preload.so",
+                                 libraries=["dl", "pthread"])
+
+    def build_shared_object(self, source, package, name, include_dirs=(), libraries=()):
+        """source -> package's directory/name in the build (and next to the sources for an
+        editable install)."""
+        target = os.path.join(self.build_lib, *package.split("."), name)
         objects = self.compiler.compile([source], output_dir=self.build_temp,
+                                        include_dirs=list(include_dirs),
                                         extra_postargs=["-O2", "-fPIC"])
-        self.compiler.link_shared_object(objects, target, libraries=["dl", "pthread"])
+        self.compiler.link_shared_object(objects, target, libraries=list(libraries))
         if self.inplace:
-            self.copy_file(target, os.path.join(build_py.get_package_dir("srv6pipes"),
-                                                "srv6pipes_preload.so"))
+            build_py = self.get_finalized_command("build_py")
+            self.copy_file(target, os.path.join(build_py.get_package_dir(package), name))
 
 
 # Metadata, dependencies and entry points are in pyproject.toml ([project]); this file only
