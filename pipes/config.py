@@ -16,7 +16,8 @@ import os
 import tomllib
 from typing import Any, Callable
 
-from . import _srhtable, addressplan, srh, system
+from . import addressplan, srh, system
+from ._srhtable import MAX_SLOTS as MAX_TABLE_SLOTS, SLOT_BYTES as TABLE_SLOT_BYTES
 from .kernelsetup import RESERVED_TABLES, kernel_range
 
 
@@ -69,7 +70,7 @@ _port = _int_range(*kernel_range("port"))
 
 # Limits that are not the kernel's (those come from kernelsetup.kernel_range):
 MAX_WORKERS = 128          # a reload runs two generations in master.STATS_REGIONS (256)
-MAX_TABLE_SLOTS = _srhtable.MAX_SLOTS  # 4 Mi slots = 4.25 GiB
+# MAX_TABLE_SLOTS: _srhtable.MAX_SLOTS (imported above), 4 Mi slots = 4.25 GiB
 MAX_SEGMENTS = srh.MAX_SEGMENTS        # what the SRH parser accepts
 
 
@@ -199,7 +200,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rule_priority", "--rule-priority", 100, _int_range(*kernel_range("rule_priority")),
             "priority of the fwmark rule (off-path return rules take the two below it)", "PRIO"),
     Setting("table_slots", "--table-slots", 65536, _int_range(1, MAX_TABLE_SLOTS),
-            f"slots of the shared-memory SRH table ({_srhtable.SLOT_BYTES} bytes each, "
+            f"slots of the shared-memory SRH table ({TABLE_SLOT_BYTES} bytes each, "
             "committed at start: the default takes 68 MiB)", "N"),
     Setting("table_ttl_ms", "--table-ttl-ms", 30000, _int_range(1, 3_600_000),
             "age after which an SRH table entry is stale", "MS"),

@@ -260,9 +260,9 @@ def check_resources(config: Config) -> Iterator[Finding]:
             yield Finding("resources", False, f"--metrics-listen [{host}]:{port}: {exc.strerror}")
         finally:
             probe.close()
-    from . import _srhtable
+    from ._srhtable import SLOT_BYTES, table_size
 
-    needed = _srhtable.table_size(config.table_slots)
+    needed = table_size(config.table_slots)
     try:
         shm = os.statvfs("/dev/shm")
     except OSError as exc:
@@ -271,7 +271,7 @@ def check_resources(config: Config) -> Iterator[Finding]:
     free = shm.f_bavail * shm.f_frsize
     yield Finding("resources", free >= needed,
                   f"/dev/shm has {free >> 20} MiB free, the SRH table takes {needed >> 20} MiB "
-                  f"(--table-slots x {_srhtable.SLOT_BYTES} bytes)")
+                  f"(--table-slots x {SLOT_BYTES} bytes)")
 
 
 CHECKS: tuple[Callable[[Config], Iterator[Finding]], ...] = (
